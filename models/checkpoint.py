@@ -36,9 +36,8 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix not in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
-        raise ValueError(
-            f"checkpoint {path} has suffix {suffix!r}; expected one of {TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}"
-        )
+        accepted = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
+        raise ValueError(f"checkpoint {path} has suffix {suffix!r}; expected one of {accepted}")
 
     # 2. Read it
     try:
@@ -76,7 +75,7 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
     return obj
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "DiT checkpoint"):
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what="DiT checkpoint"):
     """Load `state_dict` into `module`, raising one ValueError that lists every missing key, every
     unexpected key and every shape mismatch (with both shapes) instead of PyTorch's first complaint."""
     expected = module.state_dict()
@@ -89,14 +88,11 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
     ]
     problems = []
     if missing:
-        problems.append(
-            f"{len(missing)} missing key(s): " + _listing([f"{k} {tuple(expected[k].shape)}" for k in missing])
-        )
+        listed = _listing([f"{k} {tuple(expected[k].shape)}" for k in missing])
+        problems.append(f"{len(missing)} missing key(s): {listed}")
     if unexpected:
-        problems.append(
-            f"{len(unexpected)} unexpected key(s): "
-            + _listing([f"{k} {tuple(state_dict[k].shape)}" for k in unexpected])
-        )
+        listed = _listing([f"{k} {tuple(state_dict[k].shape)}" for k in unexpected])
+        problems.append(f"{len(unexpected)} unexpected key(s): {listed}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + _listing(mismatched))
     if problems:

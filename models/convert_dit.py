@@ -34,13 +34,23 @@ OFFICIAL_FREQ_SHIFT = 0  # GLIDE / DiT timestep frequencies exp(-log(10000) * i 
 
 
 def _key_map(depth: int) -> dict[str, list[str]]:
-    """DiT key -> the diffusers keys holding the same tensor (several for the embedders every block copies)."""
-    pairs = [("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
-             ("final_layer.linear", "proj_out_2")]  # fmt: skip
+    """DiT key -> the diffusers keys holding the same tensor (several for the embedders each block copies).
+
+    The fused qkv projection is the one entry that is not a copy: `dit_to_diffusers` splits it.
+    """
+    pairs = [
+        ("x_embedder.proj", "pos_embed.proj"),
+        ("final_layer.adaLN_modulation.1", "proj_out_1"),
+        ("final_layer.linear", "proj_out_2"),
+    ]
     for i in range(depth):
         b, d = f"blocks.{i}", f"transformer_blocks.{i}"
-        pairs += [(f"{b}.attn.proj", f"{d}.attn1.to_out.0"), (f"{b}.mlp.fc1", f"{d}.ff.net.0.proj"),
-                  (f"{b}.mlp.fc2", f"{d}.ff.net.2"), (f"{b}.adaLN_modulation.1", f"{d}.norm1.linear")]  # fmt: skip
+        pairs += [
+            (f"{b}.attn.proj", f"{d}.attn1.to_out.0"),
+            (f"{b}.mlp.fc1", f"{d}.ff.net.0.proj"),
+            (f"{b}.mlp.fc2", f"{d}.ff.net.2"),
+            (f"{b}.adaLN_modulation.1", f"{d}.norm1.linear"),
+        ]
     key_map = {f"{a}.{p}": [f"{b}.{p}"] for a, b in pairs for p in ("weight", "bias")}
     emb = [f"transformer_blocks.{i}.norm1.emb" for i in range(depth)]
     for p in ("weight", "bias"):
@@ -79,7 +89,7 @@ def dit_to_diffusers(
         sample_size=dit.input_size,
         patch_size=dit.patch_size,
         num_embeds_ada_norm=dit.y_embedder.num_classes,
-    ).to(dit.pos_embed.dtype)
+    )
     if not torch.allclose(transformer.pos_embed.pos_embed, dit.pos_embed.float(), atol=1e-6):
         raise ValueError("the DiT's pos_embed is not the fixed sin-cos table diffusers recomputes")
 
@@ -92,6 +102,8 @@ def dit_to_diffusers(
         for name, w, b in (("to_q", q, qb), ("to_k", k, kb), ("to_v", v, vb)):
             out[f"transformer_blocks.{i}.attn1.{name}.weight"] = w
             out[f"transformer_blocks.{i}.attn1.{name}.bias"] = b
+    if dit.pos_embed.dtype != torch.float32:  # (diffusers warns on any .to(dtype), so only when needed)
+        transformer.to(dit.pos_embed.dtype)
     load_state_dict_strict(transformer, out, what="DiT weights converted to diffusers")
     if official_numerics:
         match_official_numerics(transformer)
@@ -106,8 +118,12 @@ def diffusers_to_dit(transformer: DiTTransformer2DModel) -> DiT:
     """
     # 1. Check the config has a DiT counterpart
     cfg = transformer.config
-    fixed = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
-                 norm_elementwise_affine=False)  # fmt: skip
+    fixed = dict(
+        norm_type="ada_norm_zero",
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_elementwise_affine=False,
+    )
     for name, value in fixed.items():
         if cfg[name] != value:
             raise ValueError(f"{name}={cfg[name]!r} has no counterpart in DiT, which uses {value!r}")
@@ -142,7 +158,8 @@ def diffusers_to_dit(transformer: DiTTransformer2DModel) -> DiT:
     for i in range(cfg.num_layers):
         attn = f"transformer_blocks.{i}.attn1"
         for p in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([sd[f"{attn}.to_{n}.{p}"] for n in "qkv"])  # (3D, ...)
+            qkv = [sd[f"{attn}.to_{n}.{p}"] for n in "qkv"]  # 3 x (D, D) or 3 x (D,)
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat(qkv)  # (3D, D) or (3D,)
     load_state_dict_strict(dit, out, what="diffusers DiT weights converted to DiT")
     return dit.eval()
 
@@ -164,16 +181,19 @@ def match_official_numerics(transformer: DiTTransformer2DModel) -> DiTTransforme
 
 
 def load_diffusers_dit(src: str | os.PathLike) -> DiTTransformer2DModel:
-    """diffusers' DiTTransformer2DModel from a local directory or a hub id, using `transformer/` if present."""
+    """diffusers' DiTTransformer2DModel from a local directory or a hub id; `transformer/` if present."""
     src = str(src)
     if os.path.isdir(src):
-        subfolders = [s for s in ("transformer", None) if os.path.isfile(os.path.join(src, s or "", "config.json"))]
-        if not subfolders:
-            raise FileNotFoundError(
-                f"{src} is a directory without a diffusers config.json (looked in {src}/transformer and {src})"
-            )
-        return DiTTransformer2DModel.from_pretrained(src, subfolder=subfolders[0])
+        found = [s for s in ("transformer", "") if os.path.isfile(os.path.join(src, s, "config.json"))]
+        if not found:
+            raise FileNotFoundError(f"no diffusers config.json in {src}/transformer or {src}")
+        return DiTTransformer2DModel.from_pretrained(src, subfolder=found[0] or None)
     try:  # hub pipelines such as facebook/DiT-XL-2-256 keep the transformer in a subfolder
         return DiTTransformer2DModel.from_pretrained(src, subfolder="transformer")
-    except OSError:
-        return DiTTransformer2DModel.from_pretrained(src)
+    except OSError as in_subfolder:
+        try:
+            return DiTTransformer2DModel.from_pretrained(src)
+        except OSError as at_root:
+            raise OSError(
+                f"cannot load a DiTTransformer2DModel from {src!r}: {in_subfolder} / {at_root}"
+            ) from at_root

@@ -12,8 +12,8 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from models.checkpoint import load_state_dict_strict
-from models.pixart import PixArt, PixArtMS
 from models.layers import sincos_2d
+from models.pixart import PixArt, PixArtMS
 
 # official prefix -> diffusers prefix, for modules that map one to one (weight and bias)
 _DIRECT = {
@@ -176,7 +176,12 @@ def infer_pixart_kwargs(
     Widths come from weight shapes. The head count is not stored: by default PixArt's head dim of 72 is
     assumed. lewei_scale is recovered by matching the stored positional table.
     """
-    required = ["x_embedder.proj.weight", "t_block.1.weight", "y_embedder.y_proj.fc1.weight", "final_layer.linear.weight"]
+    required = [
+        "x_embedder.proj.weight",
+        "t_block.1.weight",
+        "y_embedder.y_proj.fc1.weight",
+        "final_layer.linear.weight",
+    ]
     missing = [k for k in required if k not in sd]
     if missing:
         raise KeyError(f"not an official PixArt state dict: missing {missing}")

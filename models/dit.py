@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from models.checkpoint import TORCH_SUFFIXES, SAFETENSORS_SUFFIXES, load_state_dict_strict, read_state_dict
+from models.checkpoint import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_state_dict_strict, read_state_dict
 from models.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone: predicts noise (and variance) of class-conditional latents."""
+    """Diffusion model with a Transformer backbone: noise (and variance) of class-conditional latents."""
 
     def __init__(
         self,
@@ -168,7 +168,7 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) latents, t (N,) diffusion timesteps, y (N,) class labels (num_classes = null class)."""
+        """x (N, C, H, W) latents, t (N,) diffusion timesteps, y (N,) labels (num_classes: the null class)."""
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} does not match the fixed positional table of "
@@ -207,12 +207,15 @@ class DiT(nn.Module):
 #                                              Presets
 # ---------------------------------------------------------------------------------------------------
 
-# The paper's model sizes (Table 1); call with the remaining arguments: DiT_models["DiT-XL/2"](input_size=32).
+# (depth, hidden_size, num_heads) of the paper's model sizes (Table 1).
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+# Called with the remaining arguments, as in the official code: DiT_models["DiT-XL/2"](input_size=32).
 # "DiT-T/2" is ours: a tiny model for CI and debugging (hidden 48 = 3 heads x 16, divisible by 3 and 4).
 DiT_models: dict[str, partial[DiT]] = {
-    f"DiT-{size}/{patch}": partial(DiT, depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads)
-    for size, depth, hidden, heads in [("XL", 28, 1152, 16), ("L", 24, 1024, 16), ("B", 12, 768, 12), ("S", 12, 384, 6)]
-    for patch in (2, 4, 8)
+    f"DiT-{size}/{p}": partial(DiT, depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
+    for size, (depth, hidden, heads) in SIZES.items()
+    for p in (2, 4, 8)
 }
 DiT_models["DiT-T/2"] = partial(DiT, depth=2, hidden_size=48, patch_size=2, num_heads=3)
 
@@ -231,8 +234,13 @@ def dit_kwargs_from_state_dict(
     unless given) and whether the label table has a null row (yes unless class_dropout_prob == 0, as in
     every released DiT).
     """
-    required = ["x_embedder.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "final_layer.linear.weight",
-                "y_embedder.embedding_table.weight"]  # fmt: skip
+    required = [
+        "x_embedder.proj.weight",
+        "pos_embed",
+        "blocks.0.mlp.fc1.weight",
+        "final_layer.linear.weight",
+        "y_embedder.embedding_table.weight",
+    ]
     absent = [k for k in required if k not in state_dict]
     if absent:
         raise ValueError(
@@ -247,13 +255,13 @@ def dit_kwargs_from_state_dict(
         raise ValueError(f"pos_embed has {num_patches} tokens, not a square grid")
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // patch**2  # (p * p * out, D)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"final_layer predicts {out_channels} channels; DiT predicts {in_channels} or twice that")
+        raise ValueError(f"final_layer predicts {out_channels} channels; DiT: {in_channels} or twice that")
     if num_heads is None:
-        num_heads = next(
-            (p.keywords["num_heads"] for p in DiT_models.values()
-             if (p.keywords["depth"], p.keywords["hidden_size"]) == (depth, hidden)),
-            None,
-        )  # fmt: skip
+        heads = {
+            (p.keywords["depth"], p.keywords["hidden_size"]): p.keywords["num_heads"]
+            for p in DiT_models.values()
+        }
+        num_heads = heads.get((depth, hidden))
         if num_heads is None:
             raise ValueError(f"no DiT preset has depth={depth}, hidden_size={hidden}: pass num_heads")
     table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
@@ -271,7 +279,9 @@ def dit_kwargs_from_state_dict(
     )
 
 
-def dit_from_state_dict(state_dict: dict[str, torch.Tensor], num_heads: int | None = None, class_dropout_prob=0.1):
+def dit_from_state_dict(
+    state_dict: dict[str, torch.Tensor], num_heads: int | None = None, class_dropout_prob: float = 0.1
+) -> DiT:
     """Build the DiT whose architecture `state_dict` describes and load it strictly."""
     model = DiT(**dit_kwargs_from_state_dict(state_dict, num_heads, class_dropout_prob))
     load_state_dict_strict(model, state_dict, what="DiT checkpoint")
@@ -289,7 +299,7 @@ def dit_from_checkpoint(
     The architecture is read from the weights; num_heads / class_dropout_prob only resolve what shapes
     cannot tell (see `dit_kwargs_from_state_dict`) and are ignored for diffusers sources.
     """
-    if str(src).lower().endswith(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES):
+    if os.path.isfile(src) or str(src).lower().endswith(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES):
         model = dit_from_state_dict(read_state_dict(src), num_heads, class_dropout_prob)
     else:
         # Imported here so that DiT itself does not need diffusers.

@@ -1,6 +1,7 @@
 """The official DiT, its exact conversion to and from diffusers, and loading it from every checkpoint form."""
 
 import argparse
+import copy
 
 import pytest
 import torch
@@ -65,6 +66,30 @@ def test_diffusers_matches_official_dit_once_numerics_are_official(dit, inputs):
 
 
 @torch.no_grad()
+def test_each_numerics_difference_alone_changes_results(dit, inputs):
+    """Neither half of `match_official_numerics` is redundant."""
+    x, t, y = inputs
+    transformer = dit_to_diffusers(dit)
+    for block in transformer.transformer_blocks:
+        block.norm3.eps = 1e-6
+    # Timestep frequencies: whole-model outputs move.
+    assert (run_diffusers(transformer, *inputs) - dit(*inputs)).abs().max() > 1e-3
+
+    # LayerNorm eps: visible on activations whose variance is near eps. With the attention branch gated
+    # off (zero gate_msa rows), the MLP's LayerNorm sees the raw tokens, of variance ~1e-5.
+    quiet = copy.deepcopy(dit)
+    gate_msa = slice(2 * 48, 3 * 48)  # adaLN chunks: shift, scale, gate (msa), shift, scale, gate (mlp)
+    quiet.blocks[0].adaLN_modulation[1].weight[gate_msa] = 0
+    quiet.blocks[0].adaLN_modulation[1].bias[gate_msa] = 0
+    block = dit_to_diffusers(quiet, official_numerics=True).transformer_blocks[0]
+    tokens = 3e-3 * torch.randn(5, 16, 48, generator=torch.Generator().manual_seed(3))
+    official = quiet.blocks[0](tokens, quiet.t_embedder(t) + quiet.y_embedder(y, train=False))
+    torch.testing.assert_close(block(tokens, timestep=t, class_labels=y), official, atol=1e-6, rtol=1e-5)
+    block.norm3.eps = 1e-5
+    assert (block(tokens, timestep=t, class_labels=y) - official).abs().max() > 1e-2 * official.abs().max()
+
+
+@torch.no_grad()
 def test_round_trip_gives_identical_state_dict(dit):
     back = diffusers_to_dit(dit_to_diffusers(dit))
     original, returned = dit.state_dict(), back.state_dict()
@@ -106,7 +131,8 @@ def test_bad_checkpoints_raise_errors_naming_keys_and_shapes(dit, tmp_path):
     sd = dit.state_dict()
     bad_shape = dict(sd, **{"blocks.1.attn.qkv.weight": torch.zeros(144, 47)})
     torch.save(bad_shape, tmp_path / "bad_shape.pt")
-    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.qkv\.weight: checkpoint \(144, 47\) vs model \(144, 48\)"):
+    expected = r"blocks\.1\.attn\.qkv\.weight: checkpoint \(144, 47\) vs model \(144, 48\)"
+    with pytest.raises(ValueError, match=expected):
         dit_from_checkpoint(tmp_path / "bad_shape.pt")
 
     missing = {k: v for k, v in sd.items() if k != "blocks.0.mlp.fc2.bias"}

@@ -171,8 +171,13 @@ def test_matches_diffusers_pixart(lewei_scale):
     t = torch.tensor([0, 420, 999])
     with torch.no_grad():
         ours = model(x, t, y, mask)
-        ref = theirs(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        ref = theirs(
+            x,
+            encoder_hidden_states=y,
+            timestep=t,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -187,8 +192,13 @@ def test_matches_diffusers_pixart_ms_non_square():
     ar = torch.tensor([[2 / 3], [2 / 3]])
     with torch.no_grad():
         ours = model(x, t, y, mask, data_info={"img_hw": hw, "aspect_ratio": ar})
-        ref = theirs(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask,
-                     added_cond_kwargs={"resolution": hw, "aspect_ratio": ar}).sample
+        ref = theirs(
+            x,
+            encoder_hidden_states=y,
+            timestep=t,
+            encoder_attention_mask=mask,
+            added_cond_kwargs={"resolution": hw, "aspect_ratio": ar},
+        ).sample
     assert ours.shape == (2, 8, 8, 12)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -197,8 +207,9 @@ def test_matches_diffusers_pixart_ms_non_square():
 def test_round_trip_through_diffusers(multi_scale):
     cls = PixArtMS if multi_scale else PixArt
     model = randomise(cls(input_size=8, lewei_scale=0.5, **TINY))
-    back, fresh = diffusers_to_pixart(pixart_to_diffusers(model), null_caption=model.y_embedder.y_embedding,
-                                      model_max_length=16)
+    back, fresh = diffusers_to_pixart(
+        pixart_to_diffusers(model), null_caption=model.y_embedder.y_embedding, model_max_length=16
+    )
     assert fresh == []
     assert type(back) is cls and back.lewei_scale == 0.5
     a, b = model.state_dict(), back.state_dict()

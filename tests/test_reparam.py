@@ -21,8 +21,7 @@ def random_dit(seed: int = 0):
 @pytest.mark.parametrize("t_star", [500, 120])
 def test_pixart_equals_dit_null_class_at_t_star(t_block_init, t_star):
     dit = random_dit()
-    pixart, report = dit_to_pixart(dit, t=t_star, caption_channels=32, model_max_length=16,
-                                   t_block_init=t_block_init)
+    pixart, report = dit_to_pixart(dit, t=t_star, caption_channels=32, model_max_length=16, t_block_init=t_block_init)
     pixart.eval()
     x = torch.randn(3, 4, 8, 8)
     t = torch.full((3,), t_star)

@@ -6,7 +6,12 @@ the transformer. Layout after IDDPM / DiT's `diffusion/` package.
 
 from models.diffusion.ddim import ddim, ddim_timesteps
 from models.diffusion.dpm_solver import dpm_solver, dpm_solver_timesteps
-from models.diffusion.gaussian_diffusion import DenoiserFn, GaussianDiffusion, linear_beta_schedule, split_output
+from models.diffusion.gaussian_diffusion import (
+    DenoiserFn,
+    GaussianDiffusion,
+    linear_beta_schedule,
+    split_output,
+)
 from models.diffusion.guidance import classifier_free_guidance, guide
 from models.diffusion.respace import respace, space_timesteps
 from models.diffusion.samplers import create_diffusion, sample

@@ -60,10 +60,14 @@ class GaussianDiffusion:
     called with original timesteps, so a respaced diffusion (see `respace.py`) drives the same network.
     """
 
-    def __init__(self, betas: torch.Tensor, learn_sigma: bool = True, timestep_map: torch.Tensor | None = None):
+    def __init__(
+        self, betas: torch.Tensor, learn_sigma: bool = True, timestep_map: torch.Tensor | None = None
+    ):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError(f"betas must be a 1-D schedule of at least 2 values in (0, 1], got {tuple(betas.shape)}")
+            raise ValueError(
+                f"betas must be a 1-D schedule of at least 2 values in (0, 1], got {tuple(betas.shape)}"
+            )
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
@@ -84,8 +88,10 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
-        # Without a learned sigma, DiT/PixArt use the "fixed large" variance beta_t (posterior variance at t = 0).
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        )
+        # Without a learned sigma, DiT/PixArt use the "fixed large" variance: beta_t, beta-tilde_1 at t = 0.
         self.fixed_large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
 
     # -----------------------------------------------------------------------------------------------
@@ -98,7 +104,9 @@ class GaussianDiffusion:
         """(n,) int64 timesteps, uniform over [0, T): PixArt samples t uniformly (no loss-aware sampler)."""
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps; all (N, C, H, W), t (N,)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         return (
@@ -111,9 +119,14 @@ class GaussianDiffusion:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean (N, C, H, W), variance and clipped log variance (N, 1, 1, 1) of q(x_{t-1} | x_t, x_0)."""
         mean = (
-            _extract(self.posterior_mean_coef1, t, x_t) * x_start + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+            _extract(self.posterior_mean_coef1, t, x_t) * x_start
+            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         )
-        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
+        return (
+            mean,
+            _extract(self.posterior_variance, t, x_t),
+            _extract(self.posterior_log_variance_clipped, t, x_t),
+        )
 
     # -----------------------------------------------------------------------------------------------
     #                                       Reverse process
@@ -125,27 +138,29 @@ class GaussianDiffusion:
         """Call the network with the original timesteps this process's steps `t` stand for."""
         return model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
 
-    def split_output(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _split(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Like `split_output`, and checks the output carries a variance exactly when sigma is learned."""
         eps, var_values = split_output(out, channels)
         if self.learn_sigma != (var_values is not None):
             expected = 2 * channels if self.learn_sigma else channels
             raise ValueError(
-                f"learn_sigma={self.learn_sigma} needs {expected} output channels, the model gave {out.shape[1]}"
+                f"learn_sigma={self.learn_sigma} needs {expected} output channels, "
+                f"the model gives {out.shape[1]}"
             )
         return eps, var_values
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
-        return _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        ) * eps
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def p_mean_variance_from_output(
         self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Mean, log variance and predicted x_0 of p(x_{t-1} | x_t) for a model output (N, C or 2C, H, W)."""
-        eps, var_values = self.split_output(out, x.shape[1])
+        eps, var_values = self._split(out, x.shape[1])
 
         if var_values is None:
             log_variance = torch.log(_extract(self.fixed_large_variance, t, x)).expand_as(x)
@@ -188,7 +203,7 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Ancestral sampling from x_T = noise (N, C, H, W); yields x after each of the T steps (last: x_0)."""
+        """Ancestral sampling from x_T = noise (N, C, H, W); yields x after each of the T steps (last x_0)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -227,14 +242,14 @@ class GaussianDiffusion:
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         out = self.run_model(model, x_t, t, model_kwargs)
-        eps, var_values = self.split_output(out, x_start.shape[1])
+        eps, var_values = self._split(out, x_start.shape[1])
         terms = {"mse": mean_flat((noise - eps) ** 2)}
         if var_values is None:
             terms["loss"] = terms["mse"]
             return terms
         # Stop-gradient on the mean: L_vlb trains only the variance, the mean is left to L_simple (IDDPM 3.1).
         frozen = torch.cat([eps.detach(), var_values], dim=1)  # (N, 2C, H, W)
-        # IDDPM's rescaling keeps L_vlb's weight independent of the step count (a factor 1 at 1000 steps).
+        # IDDPM's T / 1000 (its RESCALED_MSE; PixArt's plain MSE omits it): the two agree at T = 1000.
         terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t) * (self.num_timesteps / 1000.0)
         terms["loss"] = terms["mse"] + terms["vb"]
         return terms

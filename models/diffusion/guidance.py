@@ -15,18 +15,22 @@ import torch
 from models.diffusion.gaussian_diffusion import DenoiserFn
 
 
-def guide(out: torch.Tensor, channels: int, cfg_scale: float, guidance_channels: int | None = None) -> torch.Tensor:
+def guide(
+    out: torch.Tensor, channels: int, cfg_scale: float, guidance_channels: int | None = None
+) -> torch.Tensor:
     """(2N, C', H, W) output on [cond; uncond] -> (N, C', H, W), guiding the first k of the C eps channels."""
     k = channels if guidance_channels is None else guidance_channels
     if not 1 <= k <= channels:
-        raise ValueError(f"guidance_channels={guidance_channels} must be in [1, {channels}] (the epsilon channels)")
+        raise ValueError(
+            f"guidance_channels={guidance_channels} must be in [1, {channels}] (the epsilon channels)"
+        )
     cond, uncond = out.chunk(2, dim=0)  # each (N, C', H, W)
     guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1)
 
 
 def _concat_halves(name: str, cond: Any, uncond: Any) -> Any:
-    """Batch one model kwarg for [cond; uncond]: tensors concatenate, dicts recurse, anything else must agree."""
+    """Batch one model kwarg for [cond; uncond]: tensors concatenate, dicts recurse, the rest must agree."""
     if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
         return torch.cat([cond, uncond], dim=0)
     if isinstance(cond, dict) and isinstance(uncond, dict) and cond.keys() == uncond.keys():
@@ -54,7 +58,9 @@ def classifier_free_guidance(
     def guided(x: torch.Tensor, t: torch.Tensor, **cond_kwargs: Any) -> torch.Tensor:
         unknown = set(uncond_kwargs) - set(cond_kwargs)
         if unknown:
-            raise ValueError(f"uncond_kwargs {sorted(unknown)} have no conditional counterpart in {sorted(cond_kwargs)}")
+            raise ValueError(
+                f"uncond_kwargs {sorted(unknown)} have no conditional counterpart in {sorted(cond_kwargs)}"
+            )
         kwargs = {k: _concat_halves(k, v, uncond_kwargs.get(k, v)) for k, v in cond_kwargs.items()}
         out = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs)  # (2N, C', H, W)
         return guide(out, x.shape[1], cfg_scale, guidance_channels)

@@ -16,7 +16,9 @@ def normal_kl(
     mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
 ) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,7 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
 ) -> torch.Tensor:
-    """Elementwise log-likelihood (nats) of data in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2).
+    """Elementwise log-likelihood (nats) of [-1, 1] data in 256 bins under N(means, exp(log_scales)^2).
 
     The outer bins extend to -inf / +inf, as in DDPM's decoder L_0.
     """

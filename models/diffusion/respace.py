@@ -42,12 +42,14 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 
 
 def respace(diffusion: GaussianDiffusion, use_timesteps: Iterable[int]) -> GaussianDiffusion:
-    """The process that keeps only `use_timesteps` of `diffusion`; its model calls see the original timesteps."""
+    """The process keeping only `use_timesteps` of `diffusion`; its model calls see the original timesteps."""
     kept = torch.tensor(sorted(set(use_timesteps)), dtype=torch.long)
     if len(kept) == 0 or kept[0] < 0 or kept[-1] >= diffusion.num_timesteps:
         raise ValueError(f"use_timesteps must be in [0, {diffusion.num_timesteps}), got {kept.tolist()}")
     alphas_cumprod = diffusion.alphas_cumprod[kept]  # (S,)
     prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     return GaussianDiffusion(
-        1.0 - alphas_cumprod / prev, learn_sigma=diffusion.learn_sigma, timestep_map=diffusion.timestep_map[kept]
+        1.0 - alphas_cumprod / prev,
+        learn_sigma=diffusion.learn_sigma,
+        timestep_map=diffusion.timestep_map[kept],
     )

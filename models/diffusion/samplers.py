@@ -21,7 +21,9 @@ Sampler = Literal["dpm-solver", "ddim", "iddpm"]
 
 
 def create_diffusion(
-    timestep_respacing: str | Sequence[int] | None = None, learn_sigma: bool = True, diffusion_steps: int = 1000
+    timestep_respacing: str | Sequence[int] | None = None,
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
 ) -> GaussianDiffusion:
     """PixArt's IDDPM: linear betas over `diffusion_steps`, optionally respaced ("100", "ddim25", [...])."""
     diffusion = GaussianDiffusion(linear_beta_schedule(diffusion_steps), learn_sigma=learn_sigma)
@@ -45,7 +47,7 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Sample x_0 (N, C, H, W) from x_T = `noise`, or from fresh noise of shape `noise` drawn with `generator`.
+    """Sample x_0 (N, C, H, W) from x_T = `noise`, or from fresh noise of shape `noise` drawn by `generator`.
 
     Args:
         model: `model(x, t, **model_kwargs)` -> (N, 2C, H, W) with a learned sigma, else (N, C, H, W).
@@ -59,7 +61,9 @@ def sample(
     """
     # 1. Check inputs
     if uncond_kwargs is None and cfg_scale != 1.0:
-        raise ValueError(f"cfg_scale={cfg_scale} needs uncond_kwargs for the unconditional pass; use 1.0 for none")
+        raise ValueError(
+            f"cfg_scale={cfg_scale} needs uncond_kwargs for the unconditional pass; use 1.0 for none"
+        )
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta={eta} applies to the DDIM sampler only, not {sampler!r}")
     if not isinstance(noise, torch.Tensor):
