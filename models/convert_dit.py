@@ -65,6 +65,9 @@ def dit_to_diffusers(
 ) -> DiTTransformer2DModel:
     """An official DiT (model or state dict) as diffusers' DiTTransformer2DModel, weights copied exactly.
 
+    A state dict must be of a preset's depth and width (for the head count); otherwise build the model
+    with `dit_from_state_dict(sd, num_heads=...)` and pass that.
+
     With official_numerics=True the result also computes what DiT computes (`match_official_numerics`);
     by default it is a stock diffusers model, which is what `from_pretrained` rebuilds from a saved copy.
     """
@@ -194,6 +197,4 @@ def load_diffusers_dit(src: str | os.PathLike) -> DiTTransformer2DModel:
         try:
             return DiTTransformer2DModel.from_pretrained(src)
         except OSError as at_root:
-            raise OSError(
-                f"cannot load a DiTTransformer2DModel from {src!r}: {in_subfolder} / {at_root}"
-            ) from at_root
+            raise OSError(f"cannot load a DiTTransformer2DModel from {src!r}: {in_subfolder} / {at_root}") from at_root

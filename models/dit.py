@@ -257,10 +257,7 @@ def dit_kwargs_from_state_dict(
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"final_layer predicts {out_channels} channels; DiT: {in_channels} or twice that")
     if num_heads is None:
-        heads = {
-            (p.keywords["depth"], p.keywords["hidden_size"]): p.keywords["num_heads"]
-            for p in DiT_models.values()
-        }
+        heads = {(p.keywords["depth"], p.keywords["hidden_size"]): p.keywords["num_heads"] for p in DiT_models.values()}
         num_heads = heads.get((depth, hidden))
         if num_heads is None:
             raise ValueError(f"no DiT preset has depth={depth}, hidden_size={hidden}: pass num_heads")
@@ -288,9 +285,7 @@ def dit_from_state_dict(
     return model
 
 
-def dit_from_checkpoint(
-    src: str | os.PathLike, num_heads: int | None = None, class_dropout_prob: float = 0.1
-) -> DiT:
+def dit_from_checkpoint(src: str | os.PathLike, num_heads: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
     """Load a DiT from an official checkpoint file, a diffusers directory or a hub id (fp32, CPU, eval mode).
 
     - `.pt` / `.pth` / `.bin`: torch.load(weights_only=True); raw state dicts and {"ema"/"model": ...}

@@ -31,6 +31,11 @@ PIXART_SCHEDULER_CONFIG = dict(
     lower_order_final=True,
     thresholding=False,
     use_karras_sigmas=False,
+    # Written out so that a later diffusers release with other defaults samples the same way; variance_type
+    # stays None: diffusers' DPM-Solver would cut a learned-sigma output to 3 channels (the pipeline cuts it).
+    timestep_spacing="linspace",
+    final_sigmas_type="zero",
+    variance_type=None,
 )
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation; shift/scale broadcast over tokens: (N, 1, D) or (N, D) -> unsqueezed by caller."""
-    return x * (1 + scale) + shift
+    """adaLN modulation x * (1 + scale) + shift; x (N, T, D), shift and scale (N, 1, D). One fused kernel."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,11 +167,16 @@ class MultiHeadCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (N, T, D) image tokens, y (N, L, D) text tokens, attn_mask (N, 1, 1, L) bool, True = attend."""
+        """x (N, T, D) image tokens; y (N, L, D) text tokens, or (S, D) only the valid ones of the batch in
+        the order of attn_mask (N, 1, 1, L) bool, True = attend."""
         n, t, d = x.shape
         hd = d // self.num_heads
         q = self.q_linear(x).reshape(n, t, self.num_heads, hd).transpose(1, 2)  # (N, heads, T, hd)
-        kv = self.kv_linear(y).reshape(n, y.shape[1], 2, self.num_heads, hd)
+        kv = self.kv_linear(y)  # (N, L, 2D) or (S, 2D)
+        if y.ndim == 2:  # packed: project valid tokens only, then lay them out padded for SDPA
+            valid = attn_mask[:, 0, 0]  # (N, L)
+            kv = kv.new_zeros(n, valid.shape[1], 2 * d).index_put((valid,), kv)  # (N, L, 2D)
+        kv = kv.reshape(n, kv.shape[1], 2, self.num_heads, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, hd)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, T, hd)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))

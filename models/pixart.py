@@ -47,14 +47,23 @@ class CaptionEmbedder(nn.Module):
             drop = force_drop_ids.to(y.device) == 1
         return torch.where(drop[:, None, None], self.y_embedding.to(y.dtype), y)  # (N, L, C_text)
 
-    def forward(self, y: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, y: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, L, C_text) -> (N, L, D); or, given the (N, L') valid-token mask, only the valid tokens (S, D).
+
+        Projecting only valid tokens is what the reference's packed (xformers) path does: T5 pads every
+        caption to 120 tokens, and the projection from 4096 channels is a large share of a step.
+        """
         if (train and self.uncond_prob > 0) or force_drop_ids is not None:
             if y.shape[1:] != self.y_embedding.shape:
                 raise ValueError(
                     f"caption dropout needs y of shape (N, {tuple(self.y_embedding.shape)}), got {tuple(y.shape)}"
                 )
             y = self.token_drop(y, force_drop_ids)
-        return self.y_proj(y)  # (N, L, D)
+        if valid is not None:
+            y = y[:, : valid.shape[1]][valid]  # (S, C_text), S = number of valid tokens in the batch
+        return self.y_proj(y)  # (N, L, D) or (S, D)
 
 
 class DropPath(nn.Module):
@@ -91,14 +100,20 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, attn_mask: torch.Tensor | None):
-        """x (N, T, D), y (N, L, D), t0 (N, 6D), attn_mask (N, 1, 1, L) bool or None."""
+        """x (N, T, D), y (N, L, D) or packed valid tokens (S, D), t0 (N, 6D), attn_mask (N, 1, 1, L) bool."""
         n = x.shape[0]
         mod = self.scale_shift_table[None] + t0.reshape(n, 6, -1)  # (N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each (N, 1, D)
-        x = x + self.drop_path(gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = self.gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = x + self.cross_attn(x, y, attn_mask)
-        x = x + self.drop_path(gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = self.gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
+
+    def gated_residual(self, x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + drop_path(gate * branch), fused into one kernel when stochastic depth is off."""
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            return torch.addcmul(x, gate, branch)
+        return x + self.drop_path(gate * branch)
 
 
 class T2IFinalLayer(nn.Module):
@@ -239,12 +254,13 @@ class PixArt(nn.Module):
         if timestep.ndim == 0:
             timestep = timestep.expand(n)
         y = self._check_captions(y, n)  # (N, L, C_text)
-        attn_mask = self._key_padding_mask(mask, n, y.shape[1])  # (N, 1, 1, L) or None
+        attn_mask = self._key_padding_mask(mask, n, y.shape[1])  # (N, 1, 1, L') or None
+        valid = None if attn_mask is None else attn_mask[:, 0, 0]  # (N, L')
 
         x = self.embed_positions(x)  # (N, T, D)
         t = self.embed_time(timestep, n, data_info)  # (N, D)
         t0 = self.t_block(t)  # (N, 6D)
-        y = self.y_embedder(y.to(self.dtype), self.training, force_drop_ids)  # (N, L, D)
+        y = self.y_embedder(y.to(self.dtype), self.training, force_drop_ids, valid)  # (N, L, D) or packed (S, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, t0, attn_mask, use_reentrant=False)
@@ -267,7 +283,11 @@ class PixArt(nn.Module):
 
     @staticmethod
     def _key_padding_mask(mask: torch.Tensor | None, n: int, length: int) -> torch.Tensor | None:
-        """(N, L) 0/1 mask -> (N, 1, 1, L) bool for SDPA; every caption needs at least one valid token."""
+        """(N, L) 0/1 mask -> (N, 1, 1, L') bool for SDPA; every caption needs at least one valid token.
+
+        L' <= L drops the trailing columns that no caption uses: padding costs the caption projection and
+        the cross-attention real work (T5 pads every caption to 120 tokens) and changes no output.
+        """
         if mask is None:
             return None
         mask = mask.reshape(mask.shape[0], -1)  # accepts (N, 1, 1, L) from the official code too
@@ -278,7 +298,8 @@ class PixArt(nn.Module):
         mask = mask != 0
         if not bool(mask.any(dim=1).all()):
             raise ValueError("a caption mask has no valid token; T5 always emits at least the EOS token")
-        return mask[:, None, None, :]
+        used = int(mask.any(dim=0).nonzero().max()) + 1  # last column any caption attends to
+        return mask[:, None, None, :used]
 
     def forward_with_cfg(
         self,

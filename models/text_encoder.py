@@ -33,18 +33,22 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
-def resolve_pretrained(id_or_dir: str | os.PathLike, component: str, what: str) -> tuple[str, str | None]:
+def resolve_pretrained(
+    id_or_dir: str | os.PathLike, component: str, what: str, subfolder: str | None = None
+) -> tuple[str, str | None]:
     """(name for `from_pretrained`, subfolder) of `component` ("text_encoder", "vae", ...) in `id_or_dir`.
 
-    A local directory holding `model_index.json` is a diffusers pipeline: the component is its subfolder.
-    Any other local directory is the component itself. A string that is not a local path but looks like a
-    hub id is passed through (a hub pipeline needs the explicit `subfolder=` of the wrappers). Anything
-    else is a missing directory, reported as such rather than as a failed download.
+    An explicit `subfolder` wins. Otherwise a local directory holding `model_index.json` is a diffusers
+    pipeline, whose component is its subfolder, and any other local directory is the component itself; a
+    hub id is passed through as the component itself (a hub pipeline needs the explicit `subfolder`).
+    A string that is neither an existing path nor shaped like a hub id is a missing directory, reported as
+    such rather than as a failed download.
     """
     name = os.fspath(id_or_dir)
     path = Path(name).expanduser()
     if path.is_dir():
-        subfolder = component if (path / "model_index.json").is_file() else None
+        if subfolder is None and (path / "model_index.json").is_file():
+            subfolder = component
         config = path / (subfolder or "") / "config.json"
         if not config.is_file():
             raise FileNotFoundError(
@@ -56,10 +60,10 @@ def resolve_pretrained(id_or_dir: str | os.PathLike, component: str, what: str) 
         raise NotADirectoryError(f"{what} {path} is a file; expected a directory written by save_pretrained")
     if not HUB_ID.match(name) or name.startswith((".", "~")):
         raise FileNotFoundError(
-            f"{what} directory {path} does not exist; pass a directory written by save_pretrained "
+            f"{what} directory {name} does not exist; pass a directory written by save_pretrained "
             "or a hub id such as 'org/name'"
         )
-    return name, None
+    return name, subfolder
 
 
 class T5TextEncoder:
@@ -85,8 +89,7 @@ class T5TextEncoder:
         "tokenizer"); local pipeline directories are recognised by their model_index.json.
         """
         # 1. Find the model and tokenizer folders
-        name, found = resolve_pretrained(id_or_dir, "text_encoder", "T5 text encoder")
-        model_folder = subfolder or found
+        name, model_folder = resolve_pretrained(id_or_dir, "text_encoder", "T5 text encoder", subfolder)
         tokenizer_folder = "tokenizer" if model_folder else None
         config = Path(name) / (model_folder or "") / "config.json"
         if config.is_file() and (model_type := json.loads(config.read_text()).get("model_type")) != "t5":

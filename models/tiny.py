@@ -46,17 +46,17 @@ MARKER = "tiny_components.json"  # written last: its presence means the build is
 #                                     Caption-like training corpus
 # ---------------------------------------------------------------------------------------------------
 
-COLOURS = "red green blue yellow purple orange black white pink brown grey golden silver cyan violet beige"
-SHAPES = "circle square triangle star hexagon rectangle ellipse cross heart diamond cube sphere cone cylinder"
+COLOURS = "red green blue yellow purple orange black white pink brown grey golden silver cyan violet beige".split()
+SHAPES = "circle square triangle star hexagon rectangle ellipse cross heart diamond cube sphere cone cylinder".split()
 OBJECTS = (
     "dog cat car tree house mountain river bird flower boat chair table person woman man child horse building "
     "cup bottle book lamp bicycle bridge castle clock apple banana cake window door road sky cloud lake field "
     "garden kitchen street train airplane robot ship guitar"
-)
+).split()
 ADJECTIVES = (
     "small large bright dark shiny wooden metallic striped soft old tiny beautiful modern ancient colorful "
     "simple detailed glowing fluffy smooth rough empty crowded quiet"
-)
+).split()
 POSITIONS = [
     "above", "below", "to the left of", "to the right of", "next to", "inside", "behind", "in front of",
     "on top of", "near", "between two", "surrounded by",
@@ -81,11 +81,12 @@ ASCII = string.ascii_letters + string.digits + string.punctuation
 def caption_corpus(num_sentences: int = 2000) -> list[str]:
     """Short captions in the style of the prompts PixArt sees and the captions LLaVA writes (fixed seed)."""
     rng = random.Random(0)
-    things = [SHAPES.split(), OBJECTS.split()]
+    things = [SHAPES, OBJECTS]
     lines = []
     for _ in range(num_sentences):
-        first = f"a {rng.choice(ADJECTIVES.split())} {rng.choice(COLOURS.split())} {rng.choice(rng.choice(things))}"
-        second = f"a {rng.choice(COLOURS.split())} {rng.choice(rng.choice(things))}"
+        colour, other_colour = rng.choice(COLOURS), rng.choice(COLOURS)
+        first = f"a {rng.choice(ADJECTIVES)} {colour} {rng.choice(rng.choice(things))}"
+        second = f"a {other_colour} {rng.choice(rng.choice(things))}"
         if rng.random() < 0.5:
             lines.append(f"{rng.choice(STYLES)} {first} {rng.choice(POSITIONS)} {second} {rng.choice(SCENES)}.")
         else:
@@ -280,7 +281,7 @@ class TinyComponents:
 
 
 def build_tiny_components(out_dir: str | os.PathLike, *, seed: int = 0, t5_d_model: int = 32) -> TinyComponents:
-    """Build the tiny T5, VAE and LLaVA under `out_dir`, or reuse a complete build made with the same arguments.
+    """Build the tiny T5, VAE and LLaVA under `out_dir`, or reuse a complete build with the same arguments.
 
     Same seed, same bytes. `t5_d_model` is the caption feature width (PixArt's `caption_channels`).
     The marker file is written last, so an interrupted build is redone, never reused.
@@ -316,9 +317,9 @@ def build_tiny_components(out_dir: str | os.PathLike, *, seed: int = 0, t5_d_mod
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--t5-d-model", type=int, default=32)
+    parser.add_argument("out_dir", type=Path, help="built here, or reused if a complete build is here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--t5-d-model", type=int, default=32, help="T5 feature width (caption_channels)")
     args = parser.parse_args(argv)
     components = build_tiny_components(args.out_dir, seed=args.seed, t5_d_model=args.t5_d_model)
     for name, path in vars(components).items():

@@ -38,8 +38,7 @@ class VAE:
         `subfolder` names the VAE's folder in a hub pipeline; local pipeline directories are recognised
         by their model_index.json.
         """
-        name, found = resolve_pretrained(id_or_dir, "vae", "VAE")
-        folder = subfolder or found
+        name, folder = resolve_pretrained(id_or_dir, "vae", "VAE", subfolder)
         class_name = AutoencoderKL.load_config(name, subfolder=folder).get("_class_name")
         if class_name != "AutoencoderKL":
             raise ValueError(f"{name} is not an AutoencoderKL directory: its config has _class_name={class_name!r}")
@@ -81,9 +80,7 @@ class VAE:
         dist = self.model.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def sample(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw latents from N(mean, std^2) and scale them: what the diffusion model is trained on."""
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise) * self.scaling_factor

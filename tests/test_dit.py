@@ -84,7 +84,8 @@ def test_each_numerics_difference_alone_changes_results(dit, inputs):
     block = dit_to_diffusers(quiet, official_numerics=True).transformer_blocks[0]
     tokens = 3e-3 * torch.randn(5, 16, 48, generator=torch.Generator().manual_seed(3))
     official = quiet.blocks[0](tokens, quiet.t_embedder(t) + quiet.y_embedder(y, train=False))
-    torch.testing.assert_close(block(tokens, timestep=t, class_labels=y), official, atol=1e-6, rtol=1e-5)
+    scale = official.abs().max().item()  # ~90: float32 rounding of fused vs unfused ops is ~1e-7 of it
+    torch.testing.assert_close(block(tokens, timestep=t, class_labels=y), official, atol=1e-6 * scale, rtol=0)
     block.norm3.eps = 1e-5
     assert (block(tokens, timestep=t, class_labels=y) - official).abs().max() > 1e-2 * official.abs().max()
 
@@ -167,3 +168,16 @@ def test_dit_xl_2_has_the_official_parameter_count():
     with torch.device("meta"):
         model = DiT_models["DiT-XL/2"](input_size=32, num_classes=1000, learn_sigma=True)
     assert sum(p.numel() for p in model.parameters()) == 675_129_632
+
+
+@torch.no_grad()
+def test_label_dropout_uses_the_null_class(dit):
+    labels = torch.tensor([1, 2, 3])
+    table = dit.y_embedder.embedding_table.weight
+    forced = dit.y_embedder(labels, train=False, force_drop_ids=torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(forced, table[[NUM_CLASSES, 2, NUM_CLASSES]], atol=0, rtol=0)
+    dit.y_embedder.dropout_prob = 1.0  # always drop while training
+    try:
+        torch.testing.assert_close(dit.y_embedder(labels, train=True), table[[NUM_CLASSES] * 3])
+    finally:
+        dit.y_embedder.dropout_prob = 0.1

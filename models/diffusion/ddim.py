@@ -42,18 +42,20 @@ def ddim(
     stride = num_train_timesteps // steps
     a_all = alphas_cumprod.to(torch.float64)
 
+    dtype = torch.promote_types(noise.dtype, torch.float32)  # update in float32 at least
     x = noise
     for t in ddim_timesteps(steps, num_train_timesteps).tolist():
         a_t = a_all[t].item()
         a_prev = a_all[t - stride].item() if t - stride >= 0 else 1.0
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
-        eps = eps.to(x.dtype)
-        x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5  # (N, C, H, W)
+        eps = eps.to(dtype)
+        x0 = (x.to(dtype) - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5  # (N, C, H, W)
 
         # sigma_t(eta) of eq. 16: eta = 1 is the DDPM posterior's standard deviation.
         std = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5
-        x = a_prev**0.5 * x0 + (1.0 - a_prev - std**2) ** 0.5 * eps
+        x_next = a_prev**0.5 * x0 + (1.0 - a_prev - std**2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_next = x_next + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
+        x = x_next.to(noise.dtype)
         yield x

@@ -45,14 +45,16 @@ def dpm_solver(
     alpha, sigma = a.sqrt(), (1.0 - a).sqrt()  # x_t = alpha_t x_0 + sigma_t eps, each (steps,)
     lam = torch.log(alpha / sigma)  # half log-SNR lambda_t, increasing along the trajectory
 
+    dtype = torch.promote_types(noise.dtype, torch.float32)  # update in float32 at least, as diffusers does
     x, x0_prev = noise, None
     for i, t in enumerate(timesteps.tolist()):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
-        x0 = (x - sigma[i].item() * eps.to(x.dtype)) / alpha[i].item()  # data prediction, (N, C, H, W)
+        x_t = x.to(dtype)
+        x0 = (x_t - sigma[i].item() * eps.to(dtype)) / alpha[i].item()  # data prediction, (N, C, H, W)
 
         if i == len(timesteps) - 1:
-            x = x0  # the final step goes to sigma = 0, where the first-order update is x_0 exactly
+            x_next = x0  # the final step goes to sigma = 0, where the first-order update is x_0 exactly
         else:
             h = (lam[i + 1] - lam[i]).item()
             phi = alpha[i + 1].item() * -np.expm1(-h)  # alpha_t (1 - e^{-h})
@@ -61,6 +63,7 @@ def dpm_solver(
                 # 2M midpoint: D = D0 + (D0 - D_prev) / (2 r), r = h_prev / h
                 r = (lam[i] - lam[i - 1]).item() / h
                 d = x0 + (x0 - x0_prev) / (2.0 * r)
-            x = (sigma[i + 1] / sigma[i]).item() * x + phi * d
+            x_next = (sigma[i + 1] / sigma[i]).item() * x_t + phi * d
         x0_prev = x0
+        x = x_next.to(noise.dtype)
         yield x

@@ -60,14 +60,10 @@ class GaussianDiffusion:
     called with original timesteps, so a respaced diffusion (see `respace.py`) drives the same network.
     """
 
-    def __init__(
-        self, betas: torch.Tensor, learn_sigma: bool = True, timestep_map: torch.Tensor | None = None
-    ):
+    def __init__(self, betas: torch.Tensor, learn_sigma: bool = True, timestep_map: torch.Tensor | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError(
-                f"betas must be a 1-D schedule of at least 2 values in (0, 1], got {tuple(betas.shape)}"
-            )
+            raise ValueError(f"betas must be a 1-D schedule of at least 2 values in (0, 1], got {tuple(betas.shape)}")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
@@ -88,9 +84,7 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (
-            (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         # Without a learned sigma, DiT/PixArt use the "fixed large" variance: beta_t, beta-tilde_1 at t = 0.
         self.fixed_large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
 
@@ -104,9 +98,7 @@ class GaussianDiffusion:
         """(n,) int64 timesteps, uniform over [0, T): PixArt samples t uniformly (no loss-aware sampler)."""
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
-    def q_sample(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps; all (N, C, H, W), t (N,)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         return (
@@ -118,10 +110,7 @@ class GaussianDiffusion:
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean (N, C, H, W), variance and clipped log variance (N, 1, 1, 1) of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            _extract(self.posterior_mean_coef1, t, x_t) * x_start
-            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
-        )
+        mean = _extract(self.posterior_mean_coef1, t, x_t) * x_start + _extract(self.posterior_mean_coef2, t, x_t) * x_t
         return (
             mean,
             _extract(self.posterior_variance, t, x_t),
@@ -144,8 +133,7 @@ class GaussianDiffusion:
         if self.learn_sigma != (var_values is not None):
             expected = 2 * channels if self.learn_sigma else channels
             raise ValueError(
-                f"learn_sigma={self.learn_sigma} needs {expected} output channels, "
-                f"the model gives {out.shape[1]}"
+                f"learn_sigma={self.learn_sigma} needs {expected} output channels, the model gives {out.shape[1]}"
             )
         return eps, var_values
 
@@ -221,9 +209,7 @@ class GaussianDiffusion:
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         p = self.p_mean_variance_from_output(out, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=p["mean"], log_scales=0.5 * p["log_variance"]
-        )
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=p["mean"], log_scales=0.5 * p["log_variance"])
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 

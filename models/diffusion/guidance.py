@@ -15,15 +15,11 @@ import torch
 from models.diffusion.gaussian_diffusion import DenoiserFn
 
 
-def guide(
-    out: torch.Tensor, channels: int, cfg_scale: float, guidance_channels: int | None = None
-) -> torch.Tensor:
+def guide(out: torch.Tensor, channels: int, cfg_scale: float, guidance_channels: int | None = None) -> torch.Tensor:
     """(2N, C', H, W) output on [cond; uncond] -> (N, C', H, W), guiding the first k of the C eps channels."""
     k = channels if guidance_channels is None else guidance_channels
     if not 1 <= k <= channels:
-        raise ValueError(
-            f"guidance_channels={guidance_channels} must be in [1, {channels}] (the epsilon channels)"
-        )
+        raise ValueError(f"guidance_channels={guidance_channels} must be in [1, {channels}] (the epsilon channels)")
     cond, uncond = out.chunk(2, dim=0)  # each (N, C', H, W)
     guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1)

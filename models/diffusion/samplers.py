@@ -1,4 +1,4 @@
-"""One entry point for sampling: pick a sampler, apply classifier-free guidance, return x_0.
+"""Entry points: `create_diffusion` (the IDDPM process, for training) and `sample` (guided sampling -> x_0).
 
 PixArt-alpha's defaults (paper): DPM-Solver++ 20 steps, cfg 4.5; IDDPM 100 steps with the learned variance.
 """
@@ -58,15 +58,17 @@ def sample(
         guidance_channels: guide only the first k epsilon channels (the reference code guides 3); all if None.
         eta: DDIM's noise scale (0: deterministic).
         learn_sigma: whether the model predicts the variance; IDDPM samples with it, the ODE samplers drop it.
+        generator: draws the initial noise (if only a shape is given) and IDDPM's / DDIM(eta > 0)'s noise.
+        device: where fresh noise is drawn; the generator's device by default.
+        progress: show a tqdm progress bar.
     """
     # 1. Check inputs
     if uncond_kwargs is None and cfg_scale != 1.0:
-        raise ValueError(
-            f"cfg_scale={cfg_scale} needs uncond_kwargs for the unconditional pass; use 1.0 for none"
-        )
+        raise ValueError(f"cfg_scale={cfg_scale} needs uncond_kwargs for the unconditional pass; use 1.0 for none")
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta={eta} applies to the DDIM sampler only, not {sampler!r}")
     if not isinstance(noise, torch.Tensor):
+        device = generator.device if device is None and generator is not None else device
         noise = torch.randn(tuple(noise), generator=generator, device=device)
 
     # 2. Guide
@@ -74,12 +76,12 @@ def sample(
         model = classifier_free_guidance(model, uncond_kwargs, cfg_scale, guidance_channels)
 
     # 3. Solve
-    diffusion = create_diffusion(learn_sigma=learn_sigma)
+    alphas_cumprod = create_diffusion().alphas_cumprod  # (1000,) float64, the training schedule
     trajectory: Iterator[torch.Tensor]
     if sampler == "dpm-solver":
-        trajectory = dpm_solver(model, noise, diffusion.alphas_cumprod, steps, model_kwargs)
+        trajectory = dpm_solver(model, noise, alphas_cumprod, steps, model_kwargs)
     elif sampler == "ddim":
-        trajectory = ddim(model, noise, diffusion.alphas_cumprod, steps, eta, model_kwargs, generator)
+        trajectory = ddim(model, noise, alphas_cumprod, steps, eta, model_kwargs, generator)
     elif sampler == "iddpm":
         spaced = create_diffusion(str(steps), learn_sigma=learn_sigma)
         trajectory = spaced.p_sample_loop_progressive(model, noise, model_kwargs, generator)
