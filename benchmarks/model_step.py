@@ -134,7 +134,7 @@ def main():
             "diffusers": step_fn(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-4), False, data),
         }
         times = {k: [] for k in steps}
-        for name, step in steps.items():  # warm-up
+        for step in steps.values():  # warm-up
             step()
         for _ in range(args.steps):
             for name, step in steps.items():

@@ -22,7 +22,7 @@ convert_app = typer.Typer(
     help="Convert checkpoints between the official PixArt/DiT layouts and diffusers.", no_args_is_help=True
 )
 app.add_typer(convert_app, name="convert")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error per line, never folded
 
 
 def user_errors(fn):

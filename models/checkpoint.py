@@ -24,11 +24,10 @@ WRAPPER_KEYS = ("ema", "model", "state_dict")
 MAX_LISTED = 8
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a flat {name: tensor} state dict from a torch or safetensors file, on the CPU.
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """The object stored in a torch or safetensors file, read on the CPU without running code.
 
-    torch files are read with `weights_only=True` (no arbitrary code runs). A dict wrapping the weights is
-    unwrapped: under `key` if given, else under the first of WRAPPER_KEYS present.
+    torch files are read with `weights_only=True`; a missing, foreign or corrupt file raises one clear error.
     """
     # 1. Check the file
     path = Path(path)
@@ -36,24 +35,35 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix not in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
-        accepted = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
-        raise ValueError(f"checkpoint {path} has suffix {suffix!r}; expected one of {accepted}")
+        raise ValueError(
+            f"checkpoint {path} has suffix {suffix!r}; expected one of {TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}"
+        )
 
     # 2. Read it
     try:
         if suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import load_file
 
-            obj = load_file(path, device="cpu")
-        else:
-            # DiT's train.py stores its argparse Namespace under "args": a plain attribute bag, safe to allow.
-            # (add_safe_globals rather than the safe_globals context manager: the latter needs torch >= 2.5.)
-            torch.serialization.add_safe_globals([argparse.Namespace])
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path, device="cpu")
+        # DiT's train.py stores its argparse Namespace under "args": a plain attribute bag, safe to allow.
+        # (add_safe_globals rather than the safe_globals context manager: the latter needs torch >= 2.5.)
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise many types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}") from err
 
-    # 3. Unwrap {"ema": {...}, "opt": ..., ...}
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a flat {name: tensor} state dict from a torch or safetensors file, on the CPU.
+
+    A dict wrapping the weights is unwrapped: under `key` if given, else under the first of WRAPPER_KEYS.
+    """
+    obj = read_checkpoint(path)
+    return unwrap_state_dict(obj, path, key)
+
+
+def unwrap_state_dict(obj: object, path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """{"ema": {...}, "opt": ..., ...} -> the flat state dict inside, checked to hold only tensors."""
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     if key is not None:
@@ -64,8 +74,6 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str
         wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if wrapper is not None:
             obj = obj[wrapper]
-
-    # 4. Insist on a flat dict of tensors
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
 from models.convert_pixart import pixart_to_diffusers
-from models.pixart import PixArt
+from models.pixart import PixArt, PixArtMS
 from models.text_encoder import T5TextEncoder
 from models.vae import VAE
 
@@ -52,6 +52,12 @@ def export_pipeline(
     a directory that looks like a finished export.
     """
     # 1. Load and check the components
+    if isinstance(model, PixArtMS) and model.input_size != 128:
+        raise ValueError(
+            f"a PixArtMS with input_size={model.input_size} cannot be exported as a pipeline: diffusers' "
+            "PixArtAlphaPipeline passes the resolution / aspect-ratio conditions only when sample_size == 128 "
+            "(the 1024 model); export the transformer alone with `pixart convert official-to-diffusers`"
+        )
     encoder = T5TextEncoder.from_pretrained(text_encoder)
     if encoder.d_model != model.caption_channels:
         raise ValueError(

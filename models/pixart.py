@@ -48,7 +48,11 @@ class CaptionEmbedder(nn.Module):
         return torch.where(drop[:, None, None], self.y_embedding.to(y.dtype), y)  # (N, L, C_text)
 
     def forward(
-        self, y: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        train: bool,
+        force_drop_ids: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, L, C_text) -> (N, L, D); or, given the (N, L') valid-token mask, only the valid tokens (S, D).
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_state_dict_strict, read_state_dict
+from models.checkpoint import load_state_dict_strict, read_checkpoint, unwrap_state_dict
 from models.convert_pixart import diffusers_to_pixart, pixart_from_state_dict
 from models.pixart import PixArt, PixArtMS
 
@@ -68,12 +68,9 @@ def load_pixart(src: str | os.PathLike, null_caption: torch.Tensor | None = None
         transformer = PixArtTransformer2DModel.from_pretrained(src, subfolder=sub)
         model, _ = diffusers_to_pixart(transformer, null_caption=null_caption)
         return model
-    if not src.exists():
-        raise FileNotFoundError(f"checkpoint {src} does not exist")
-    if src.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        raw = torch.load(src, map_location="cpu", weights_only=True)
-        if isinstance(raw, dict) and "model_config" in raw:
-            model = build_from_config({**raw["model_config"], **overrides})
-            load_state_dict_strict(model, raw["state_dict"], what=f"PixArt checkpoint {src}")
-            return model
-    return pixart_from_state_dict(read_state_dict(src), **overrides)
+    raw = read_checkpoint(src)
+    if isinstance(raw, dict) and "model_config" in raw:  # ours: the architecture is stored
+        model = build_from_config({**raw["model_config"], **overrides})
+        load_state_dict_strict(model, unwrap_state_dict(raw, src, "state_dict"), what=f"PixArt checkpoint {src}")
+        return model
+    return pixart_from_state_dict(unwrap_state_dict(raw, src), **overrides)

@@ -36,11 +36,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_components(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
 def t5(tiny):
     return T5TextEncoder.from_pretrained(tiny.t5_dir)
 

@@ -1,0 +1,16 @@
+"""Shared fixtures. Nothing in the tests may reach a model hub: HF_HUB_OFFLINE is set before any import."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from models.tiny import build_tiny_components  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny T5 (+ tokenizer), VAE and LLaVA, saved with save_pretrained; loaded back by production code."""
+    return build_tiny_components(tmp_path_factory.mktemp("tiny"))
