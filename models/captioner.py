@@ -189,8 +189,8 @@ class LlavaCaptioner:
         captions = [c.strip() for c in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
         lengths = self.processor.tokenizer(captions, add_special_tokens=False)["input_ids"]
         eos = self.model.generation_config.eos_token_id
-        eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new_tokens.device)
-        ended = torch.isin(new_tokens, eos).any(dim=1)  # (N,)
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        ended = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(dim=1)  # (N,)
         hit_cap = new_tokens.shape[1] >= generation.max_new_tokens
         return [
             CaptionResult(text=c, tokens=len(ids), truncated=hit_cap and not bool(e))

@@ -13,7 +13,8 @@ def perturbed(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            if p.requires_grad:  # DiT's frozen positional table stays the sin-cos grid
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
