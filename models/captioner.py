@@ -40,7 +40,9 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(256, ge=1, description="caption length cap in tokens; a caption that hits it is truncated")
+    max_new_tokens: int = Field(
+        256, ge=1, description="caption length cap in tokens; a caption that hits it is truncated"
+    )
     do_sample: bool = Field(False, description="sample (with temperature, top_p, seed) instead of greedy/beam search")
     temperature: float = Field(1.0, gt=0, description="softmax temperature when sampling")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when sampling")
@@ -59,25 +61,13 @@ class GenerationParams(BaseModel):
                 params.pop(name)
         return params
 
-    def describe(self) -> str:
-        """Short human-readable decoding summary: 'greedy', 'beam search x4', 'sampled T=0.7 top_p=0.9 seed=0'."""
-        if self.do_sample:
-            mode = f"sampled T={self.temperature:g} top_p={self.top_p:g} seed={self.seed}"
-        else:
-            mode = "greedy" if self.num_beams == 1 else "beam search"
-        if self.num_beams > 1:
-            mode += f" x{self.num_beams}"
-        if self.repetition_penalty != 1.0:
-            mode += f" rep={self.repetition_penalty:g}"
-        return f"{mode}, max {self.max_new_tokens} new tokens"
-
 
 @dataclass(frozen=True)
 class CaptionResult:
     """One generated caption and what the model alone can tell about it."""
 
     text: str  # the decoded new tokens, special tokens removed, stripped
-    tokens: int  # length of `text` in the captioner's tokenizer (no BOS/EOS)
+    tokens: int  # tokens generated for `text` (the captioner's tokenizer), EOS and padding not counted
     truncated: bool  # generation hit max_new_tokens before the end-of-sequence token
 
 
@@ -185,16 +175,17 @@ class LlavaCaptioner:
             out = self.model.generate(**inputs, **options)  # (N, L + new), new <= max_new_tokens
         new_tokens = out[:, prompt_length:]  # (N, new)
 
-        # 4. Decode the new tokens only
+        # 4. Decode the new tokens only; count them without EOS and padding
         captions = [c.strip() for c in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
-        lengths = self.processor.tokenizer(captions, add_special_tokens=False)["input_ids"]
+        special = torch.tensor(self.processor.tokenizer.all_special_ids, device=new_tokens.device)
+        counts = (~torch.isin(new_tokens, special)).sum(dim=1)  # (N,)
         eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        ended = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device)).any(dim=1)  # (N,)
+        eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new_tokens.device)
+        ended = torch.isin(new_tokens, eos).any(dim=1)  # (N,)
         hit_cap = new_tokens.shape[1] >= generation.max_new_tokens
         return [
-            CaptionResult(text=c, tokens=len(ids), truncated=hit_cap and not bool(e))
-            for c, ids, e in zip(captions, lengths, ended, strict=True)
+            CaptionResult(text=c, tokens=int(n), truncated=hit_cap and not bool(e))
+            for c, n, e in zip(captions, counts, ended, strict=True)
         ]
 
 
