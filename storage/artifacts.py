@@ -176,9 +176,7 @@ class ArtifactStore:
         for aid in self.ids():
             art = Artifact(self.root, aid)
             records = art.shard_records()
-            out.append(
-                ArtifactSummary(aid, art.stage, art.complete, len(records), sum(r.bytes for r in records))
-            )
+            out.append(ArtifactSummary(aid, art.stage, art.complete, len(records), sum(r.bytes for r in records)))
         return out
 
     def gc(self, keep: Iterable[str], dry_run: bool = False) -> list[str]:

@@ -76,15 +76,34 @@ def verify_shard(url: str, info: ShardInfo, checksum: bool = True) -> str | None
     return None
 
 
+# Shards this process has checked, by (url, sha256, size, mtime): later epochs skip the full re-hash.
+_VERIFIED: set[tuple] = set()
+READ_BLOCK = 1 << 22  # large reads: tar members arrive in few system calls (or few requests on s3)
+
+
+def _identity(url: str, info: ShardInfo) -> tuple:
+    fs, path = filesystem(url)
+    try:
+        stat = fs.info(path)
+    except FileNotFoundError:
+        return (url, info.sha256, None, None)
+    return (url, info.sha256, stat.get("size"), stat.get("mtime") or stat.get("LastModified"))
+
+
 def iter_shard(url: str, info: ShardInfo | None = None) -> Iterator[dict]:
     """Samples of one shard as `{"__key__": key, ext: bytes}`, read with webdataset's tar iterators.
 
-    With `info`, the shard is checked first and a damaged one raises ShardError instead of being read.
+    With `info`, the shard is checked first (once per process while its size and mtime stay the same) and a
+    damaged one raises ShardError instead of being read.
     """
-    if info is not None and (problem := verify_shard(url, info)):
-        raise ShardError(f"shard {url}: {problem}")
+    if info is not None:
+        identity = _identity(url, info)
+        if identity not in _VERIFIED:
+            if problem := verify_shard(url, info):
+                raise ShardError(f"shard {url}: {problem}")
+            _VERIFIED.add(identity)
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as stream:
+    with fs.open(path, "rb", block_size=READ_BLOCK) as stream:
         members = ({**m, "__url__": url} for m in wds.tariterators.tar_file_iterator(stream))
         for sample in wds.tariterators.group_by_keys(members):
             sample.pop("__url__", None)
@@ -103,4 +122,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A read-only array viewing `data` (no copy): parse the .npy header, then np.frombuffer the rest."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        return np.load(io.BytesIO(data), allow_pickle=False)  # other format versions: the copying reader
+    shape, fortran, dtype = read_header[version](stream)
+    if dtype.hasobject:
+        raise ValueError("refusing a .npy of Python objects (pickled data) in a shard")
+    array = np.frombuffer(data, dtype=dtype, offset=stream.tell(), count=int(np.prod(shape)))
+    return array.reshape(shape, order="F" if fortran else "C")
