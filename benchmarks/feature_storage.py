@@ -239,8 +239,8 @@ def main():
             f"{written / 1e3:>8.0f} {ours / written:>6.2f} | {reads} | {r['unchecked_read']:>11.0f}"
         )
     print("\nref0: the reference with zero padding (float32); refW: the reference as its code writes it (bf16 T5, all "
-          "120 positions). KB: 1000 bytes per sample, T5 + latent. ours/s: the loader's path (best of 2 "
-          "reads; a shard's sha256 is checked on its first read in a process); unchecked/s: never checked.")  # fmt: skip
+          "120 positions). KB: 1000 bytes per sample, T5 + latent. ours/s: the loader's path (best of 2 reads; "
+          "a shard's sha256 is checked on its first read in a process); unchecked/s: no check.")  # fmt: skip
 
 
 if __name__ == "__main__":
