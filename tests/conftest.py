@@ -14,3 +14,14 @@ from models.tiny import build_tiny_components  # noqa: E402
 def tiny(tmp_path_factory):
     """Tiny T5 (+ tokenizer), VAE and LLaVA, saved with save_pretrained; loaded back by production code."""
     return build_tiny_components(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (starting one costs ~5 s); yields its address."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
