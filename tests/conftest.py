@@ -6,14 +6,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from models.text_encoder import T5TextEncoder  # noqa: E402
 from models.tiny import build_tiny_components  # noqa: E402
+from models.vae import VAE  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from threads, and on a busy CPU OpenMP's spinning threads can make a
+    millisecond VAE pass take a second. Subprocesses and Ray workers choose their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Tiny T5 (+ tokenizer), VAE and LLaVA, saved with save_pretrained; loaded back by production code."""
     return build_tiny_components(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def t5(tiny):
+    return T5TextEncoder.from_pretrained(tiny.t5_dir)
+
+
+@pytest.fixture(scope="session")
+def vae(tiny):
+    return VAE.from_pretrained(tiny.vae_dir)
 
 
 @pytest.fixture(scope="session")

@@ -32,15 +32,6 @@ GEN = GenerationParams(max_new_tokens=8)
 SIZES = [(40, 30), (64, 96), (200, 50), (33, 33), (90, 60)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads; on a busy CPU OpenMP's spinning threads slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def captioner(tiny):
     return LlavaCaptioner.from_pretrained(tiny.llava_dir)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.pixart import build_pixart
 from models.pixel_codec import PixelCodec, build_latent_codec
-from models.text_encoder import MAX_LENGTH, T5TextEncoder
+from models.text_encoder import MAX_LENGTH
 from models.vae import VAE
 from storage.artifacts import ArtifactStore
 from storage.buckets import bucket_size, nearest_bucket
@@ -22,16 +22,6 @@ from storage.shards import iter_shard, load_npy
 BASE = 64  # px: the CPU demo's resolution
 SIZES = [(40, 80), (64, 64), (90, 45), (50, 100), (70, 72)]  # (h, w): buckets 0.5, 1.0, 2.0
 CAPTIONS = ["a red circle above a blue square", "", "a photo of a small green dog in a park at sunset, 3 of them."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny VAE's convolutions gain nothing from threads, and on a busy CPU OpenMP's spinning threads
-    make them take seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def image_samples(n: int, start: int = 0):
@@ -71,16 +61,6 @@ def write_image_artifact(root, shards: int, per_shard: int):
         art.write_shard(f"{s:06d}.tar", image_samples(per_shard, start=s * per_shard))
     art.finish({"written": shards * per_shard})
     return art
-
-
-@pytest.fixture(scope="module")
-def t5(tiny):
-    return T5TextEncoder.from_pretrained(tiny.t5_dir)
-
-
-@pytest.fixture(scope="module")
-def vae(tiny):
-    return VAE.from_pretrained(tiny.vae_dir)
 
 
 @pytest.fixture(scope="module")

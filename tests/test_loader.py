@@ -6,7 +6,7 @@ from itertools import islice
 
 import pytest
 import torch
-from test_features import one_thread, write_image_artifact  # noqa: F401 (one_thread: autouse fixture)
+from test_features import write_image_artifact
 
 from models.text_encoder import T5TextEncoder
 from models.vae import VAE
@@ -135,9 +135,7 @@ def test_damaged_shard_is_never_trained_on(features, tmp_path):
 def test_batch_split_gives_each_rank_its_slice_of_the_single_process_batches(features):
     """split="batches": 2 ranks together see exactly the global batches of one process (exact DDP runs)."""
     single = list(build_loader(features, config(batch_size=2 * BATCH, split="batches", num_workers=0)))
-    ranks = [
-        list(build_loader(features, config(split="batches", num_workers=0), rank=r, world_size=2)) for r in (0, 1)
-    ]
+    ranks = [list(build_loader(features, config(split="batches", num_workers=0), rank=r, world_size=2)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == len(single) > 0  # ranks step in lockstep
     for whole, a, b in zip(single, *ranks, strict=True):
         assert whole["keys"] == a["keys"] + b["keys"] and a["bucket"] == b["bucket"] == whole["bucket"]

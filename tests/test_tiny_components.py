@@ -25,26 +25,6 @@ def offline():
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads, and on a busy CPU OpenMP's spinning threads make a
-    millisecond VAE pass take most of a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def t5(tiny):
-    return T5TextEncoder.from_pretrained(tiny.t5_dir)
-
-
-@pytest.fixture(scope="module")
-def vae(tiny):
-    return VAE.from_pretrained(tiny.vae_dir)
-
-
 # ---------------------------------------------------------------------------------------------------
 #                                     T5
 # ---------------------------------------------------------------------------------------------------
