@@ -217,6 +217,7 @@ def generate_images(
                 negative=negative,
                 generator=_batch_generator(seed, b),
                 progress=progress,
+                clip_x0=getattr(codec, "clip_range", None),
             )  # (B, C, h, w)
             images.append(codec.decode(latents).float().cpu())  # (B, 3, h * f, w * f)
     finally:

@@ -39,10 +39,12 @@ def generate_latents(
     negative: Literal["null", "empty"] = "null",
     generator: torch.Generator | None = None,
     progress: bool = False,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Latents (N, C, h, w) for `prompts`; noise drawn from `generator` on the CPU (as diffusers on CPU).
 
     latent_hw defaults to the model's trained size; image_hw (pixels) feeds PixArtMS's micro-conditions.
+    clip_x0: bound of the data (the codec's `clip_range`: the pixel codec's, None for a VAE), see `sample`.
     """
     # 1. Check inputs
     if encoder.d_model != model.caption_channels:
@@ -82,4 +84,5 @@ def generate_latents(
         cfg_scale=cfg_scale,
         learn_sigma=model.pred_sigma,
         progress=progress,
+        clip_x0=clip_x0,
     )

@@ -65,6 +65,11 @@ class PixelCodec:
         return self._scaling_factor
 
     @property
+    def clip_range(self) -> float:
+        """Scaled latents lie in [-clip_range, clip_range]: samplers clamp their x_0 predictions to it."""
+        return self._scaling_factor
+
+    @property
     def latent_channels(self) -> int:
         return 3 * self.factor**2
 

@@ -47,6 +47,11 @@ class VAE:
         return cls(model)
 
     @property
+    def clip_range(self) -> None:
+        """VAE latents are unbounded: samplers do not clamp them (as diffusers' PixArt pipeline)."""
+        return None
+
+    @property
     def scaling_factor(self) -> float:
         """Multiplies sampled latents so they have roughly unit variance (0.18215 for the SD VAE)."""
         return self.model.config.scaling_factor

@@ -321,8 +321,8 @@ class GridSampler:
             labels = torch.arange(min(8, model.y_embedder.num_classes))
             noise = torch.randn((len(labels), model.in_channels, h, w), generator=generator)
             null = torch.full_like(labels, model.y_embedder.num_classes)
-            latents = sample(model, noise, {"y": labels}, {"y": null}, steps=self.run.sample_steps,
-                             cfg_scale=4.0, learn_sigma=model.learn_sigma)  # fmt: skip
+            latents = sample(model, noise, {"y": labels}, {"y": null}, steps=self.run.sample_steps, cfg_scale=4.0,
+                             learn_sigma=model.learn_sigma, clip_x0=getattr(codec, "clip_range", None))  # fmt: skip
         elif self.run.sample_prompts and encoder is not None:
             f = codec.downsample_factor
             latents = generate_latents(
@@ -333,6 +333,7 @@ class GridSampler:
                 image_hw=(h * f, w * f),
                 steps=self.run.sample_steps,
                 generator=generator,
+                clip_x0=getattr(codec, "clip_range", None),
             )
         else:
             return None

@@ -33,6 +33,7 @@ def ddim(
     eta: float = 0.0,
     model_kwargs: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    clip_x0: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """DDIM from x_T = noise (N, C, H, W); yields x after each step (last: x_0). eta 0 is deterministic.
 
@@ -51,6 +52,9 @@ def ddim(
         eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
         eps = eps.to(dtype)
         x0 = (x.to(dtype) - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5  # (N, C, H, W)
+        if clip_x0 is not None:  # as diffusers' clip_sample: clamp x_0, then re-derive eps from it
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x.to(dtype) - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5
 
         # sigma_t(eta) of eq. 16: eta = 1 is the DDPM posterior's standard deviation.
         std = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)) ** 0.5

@@ -35,10 +35,13 @@ def dpm_solver(
     alphas_cumprod: torch.Tensor,
     steps: int = 20,
     model_kwargs: dict[str, Any] | None = None,
+    clip_x0: float | None = None,
 ) -> Iterator[torch.Tensor]:
     """Solve the probability-flow ODE from x_T = noise (N, C, H, W); yields x after each step (last: x_0).
 
     `alphas_cumprod` (T,) is the training schedule; only the epsilon half of a (N, 2C, H, W) output is used.
+    clip_x0: clamp the data prediction to [-clip_x0, clip_x0] (pixel-space data; diffusers' thresholding
+    with a fixed bound). None, the default, is diffusers' behaviour for latents.
     """
     timesteps = dpm_solver_timesteps(steps, len(alphas_cumprod))
     a = alphas_cumprod.to(torch.float64)[timesteps]
@@ -52,6 +55,8 @@ def dpm_solver(
         eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
         x_t = x.to(dtype)
         x0 = (x_t - sigma[i].item() * eps.to(dtype)) / alpha[i].item()  # data prediction, (N, C, H, W)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
 
         if i == len(timesteps) - 1:
             x_next = x0  # the final step goes to sigma = 0, where the first-order update is x_0 exactly

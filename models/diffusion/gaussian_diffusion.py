@@ -145,9 +145,11 @@ class GaussianDiffusion:
         )
 
     def p_mean_variance_from_output(
-        self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+        self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_x0: float | None = None
     ) -> dict[str, torch.Tensor]:
-        """Mean, log variance and predicted x_0 of p(x_{t-1} | x_t) for a model output (N, C or 2C, H, W)."""
+        """Mean, log variance and predicted x_0 of p(x_{t-1} | x_t) for a model output (N, C or 2C, H, W).
+
+        clip_x0 clamps the predicted x_0 (IDDPM's clip_denoised, for pixel-space data)."""
         eps, var_values = self._split(out, x.shape[1])
 
         if var_values is None:
@@ -160,14 +162,21 @@ class GaussianDiffusion:
             log_variance = frac * max_log + (1 - frac) * min_log  # (N, C, H, W)
 
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
+        if clip_x0 is not None:
+            pred_xstart = pred_xstart.clamp(-clip_x0, clip_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     def p_mean_variance(
-        self, model: DenoiserFn, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict[str, Any] | None = None
+        self,
+        model: DenoiserFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+        clip_x0: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the model on x_t (N, C, H, W) at steps t (N,) and return p(x_{t-1} | x_t)'s parameters."""
-        return self.p_mean_variance_from_output(self.run_model(model, x, t, model_kwargs), x, t)
+        return self.p_mean_variance_from_output(self.run_model(model, x, t, model_kwargs), x, t, clip_x0)
 
     def p_sample(
         self,
@@ -176,9 +185,10 @@ class GaussianDiffusion:
         t: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        clip_x0: float | None = None,
     ) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1}; no noise is added at the last step (t = 0)."""
-        out = self.p_mean_variance(model, x, t, model_kwargs)
+        out = self.p_mean_variance(model, x, t, model_kwargs, clip_x0)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (N, 1, 1, 1)
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
@@ -190,12 +200,13 @@ class GaussianDiffusion:
         noise: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        clip_x0: float | None = None,
     ) -> Iterator[torch.Tensor]:
         """Ancestral sampling from x_T = noise (N, C, H, W); yields x after each of the T steps (last x_0)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.p_sample(model, x, t, model_kwargs, generator)
+            x = self.p_sample(model, x, t, model_kwargs, generator, clip_x0)
             yield x
 
     # -----------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """Sample x_0 (N, C, H, W) from x_T = `noise`, or from fresh noise of shape `noise` drawn by `generator`.
 
@@ -61,6 +62,9 @@ def sample(
         generator: draws the initial noise (if only a shape is given) and IDDPM's / DDIM(eta > 0)'s noise.
         device: where fresh noise is drawn; the generator's device by default.
         progress: show a tqdm progress bar.
+        clip_x0: clamp each predicted x_0 to [-clip_x0, clip_x0]: needed for pixel-space data (the pixel codec),
+            whose early x_0 predictions are divided by a tiny sqrt(alpha-bar) and otherwise run away; None (no
+            clamp) for VAE latents, as diffusers' PixArt pipeline samples them.
     """
     # 1. Check inputs
     if uncond_kwargs is None and cfg_scale != 1.0:
@@ -79,12 +83,12 @@ def sample(
     alphas_cumprod = create_diffusion().alphas_cumprod  # (1000,) float64, the training schedule
     trajectory: Iterator[torch.Tensor]
     if sampler == "dpm-solver":
-        trajectory = dpm_solver(model, noise, alphas_cumprod, steps, model_kwargs)
+        trajectory = dpm_solver(model, noise, alphas_cumprod, steps, model_kwargs, clip_x0)
     elif sampler == "ddim":
-        trajectory = ddim(model, noise, alphas_cumprod, steps, eta, model_kwargs, generator)
+        trajectory = ddim(model, noise, alphas_cumprod, steps, eta, model_kwargs, generator, clip_x0)
     elif sampler == "iddpm":
         spaced = create_diffusion(str(steps), learn_sigma=learn_sigma)
-        trajectory = spaced.p_sample_loop_progressive(model, noise, model_kwargs, generator)
+        trajectory = spaced.p_sample_loop_progressive(model, noise, model_kwargs, generator, clip_x0)
     else:
         raise ValueError(f"sampler={sampler!r}; expected 'dpm-solver', 'ddim' or 'iddpm'")
 
