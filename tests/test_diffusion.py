@@ -269,3 +269,19 @@ def test_respaced_diffusion_keeps_alphas_cumprod_and_calls_the_model_with_origin
     model = lambda x, t: seen.append(t.tolist()) or torch.zeros(x.shape[0], 2 * C, H, W)
     spaced.p_mean_variance(model, noise(), torch.tensor([99, 6]))
     assert seen == [[999, 61]]
+
+
+def test_clip_x0_matches_diffusers_clip_sample():
+    """Pixel-space sampling clamps x_0 as diffusers' DDIM / DDPM clip_sample do (eps re-derived for DDIM)."""
+    model = denoiser()
+    scheduler = DDIMScheduler(
+        **SCHEDULE, prediction_type="epsilon", clip_sample=True, clip_sample_range=0.5, set_alpha_to_one=True,
+        steps_offset=0, timestep_spacing="leading",
+    )  # fmt: skip
+    # eps re-derived from the clamped x_0, as guided-diffusion's DDIM (diffusers: use_clipped_model_output)
+    theirs = run_diffusers(scheduler, model, noise(), 10, eta=0.0, use_clipped_model_output=True)
+    ours = ddim(model, noise(), create_diffusion().alphas_cumprod, 10, 0.0, clip_x0=0.5)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {i}")
+    final = sample(model, noise(), sampler="dpm-solver", steps=10, cfg_scale=1.0, learn_sigma=False, clip_x0=0.5)
+    assert final.abs().max() <= 0.5 + 1e-6  # the last DPM-Solver step lands on the clamped x_0
