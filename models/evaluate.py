@@ -67,7 +67,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     p = k / n
     centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends, where rounding could cross p
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 @dataclass

@@ -145,7 +145,8 @@ def test_killed_run_resumes_exactly(data, tmp_path):
     }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     command = [sys.executable, "-m", "tasks.ray_train", str(tmp_path / "cfg.json")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # one thread, like this test process (conftest): bit-identical float reductions in both runs
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
     deadline = time.time() + 120
     while not (out_dir / "checkpoints" / "step_00000006" / "state.pt").exists():
