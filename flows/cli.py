@@ -1,39 +1,61 @@
 """`pixart`: the command line of the PixArt-alpha pipeline.
 
-Every command is a thin shell over `models/` (and later the Prefect flows): it parses, calls, reports.
-Errors a user can fix (a missing file, a checkpoint that does not fit) print one line and exit 1.
+Every command is a thin shell over the flows and `models/`: it parses, calls, reports. Errors a user can fix
+(a missing file, a bad config value, a checkpoint that does not fit) print what to fix and exit 1.
+
+    pixart demo                                    the whole pipeline on the CPU, tiny components, minutes
+    pixart run FLOW -c CONFIG [--set a.b=c ...]    one flow: ingest, caption, extract, train, pipeline
+    pixart deploy                                  the deployments of prefect.yaml, on a running server
+    pixart generate "PROMPT" --model DIR --out FILE.png
+    pixart artifacts ls | gc                       what the workdir holds; delete what no config needs
+    pixart export ... | pixart convert ...         checkpoints to diffusers and back
 """
 
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(
-    help="PixArt-alpha training recipe: model conversion, export, and the end-to-end demo.",
+    help="PixArt-alpha training recipe as a resumable Prefect + Ray pipeline: run it, deploy it, sample from it, "
+    "convert and export checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 convert_app = typer.Typer(
     help="Convert checkpoints between the official PixArt/DiT layouts and diffusers.", no_args_is_help=True
 )
+artifacts_app = typer.Typer(help="List or garbage-collect the artifacts in a workdir.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
+app.add_typer(artifacts_app, name="artifacts")
 console = Console(stderr=True, soft_wrap=True)  # one error per line, never folded
 
 
 def user_errors(fn):
-    """Turn the errors a user can fix into one red line and exit code 1 (no traceback)."""
+    """Turn the errors a user can fix into red lines and exit code 1 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as err:
-            console.print(f"[red]error:[/red] {err}")
+            console.print(f"[red]error:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from err
+        except RuntimeError as err:
+            from tasks.execution import ShardsFailed  # imported late: `--help` must not wait for torch
+
+            if not isinstance(err, ShardsFailed):
+                raise
+            console.print(f"[red]error:[/red] {err}", highlight=False)
             raise typer.Exit(1) from err
 
     return wrapper
@@ -129,16 +151,219 @@ def export(
     console.print(f"wrote {out}: load it with diffusers.PixArtAlphaPipeline.from_pretrained({str(out)!r})")
 
 
+# ---------------------------------------------------------------------------------------------------
+#                                     Running the pipeline
+# ---------------------------------------------------------------------------------------------------
+
+ConfigOption = Annotated[
+    str,
+    typer.Option(
+        "--config", "-c", help="Preset name in configs/ (demo, pixart_256, pixart_512, pixart_1024_ms) or a YAML file."
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: --set stage1.train.steps=20 (value read as YAML; repeatable)."),
+]
+WorkdirOption = Annotated[
+    str | None, typer.Option(help="Artifact store root (a directory or fsspec URL); default: the config's workdir.")
+]
+
+
+def build_config(config: str, overrides: list[str] | None, workdir: str | None):
+    from tasks.config import load_config
+
+    return load_config(config, overrides or [], **({"workdir": workdir} if workdir else {}))
+
+
+def print_reports(reports) -> None:
+    table = Table(title="steps")
+    for column in ("step", "status", "seconds", "artifact"):
+        table.add_column(column)
+    for r in reports:
+        table.add_row(r.step, r.status, f"{r.seconds:.1f}", r.artifact)
+    console.print(table)
+
+
+def print_pipeline(summary: dict) -> None:
+    from flows.report import StageReport
+
+    steps = [StageReport(**s) for s in summary["steps"]]
+    print_reports(steps)
+    outputs = {s.step: s.summary for s in steps}
+    if "export" in outputs:
+        export = outputs["export"]
+        console.print(
+            f"export ({export['kind']}): {export['dir']}  (max |ours - exported| {export['max_abs_diff_vs_model']:.1e})"
+        )
+    if "samples" in outputs:
+        console.print(f"held-out sample grid: {outputs['samples']['grid']}")
+    console.print(f"run summary: {summary['path']}  ({summary['seconds']:.1f} s)")
+
+
+@app.command()
+@user_errors
+def run(
+    flow: Annotated[str, typer.Argument(help="ingest | caption | extract | train | pipeline")],
+    config: ConfigOption,
+    set_: SetOption = None,
+    workdir: WorkdirOption = None,
+    stage: Annotated[
+        int, typer.Option(min=1, max=3, help="train only: the stage, 1, 2 or 3 (earlier ones run or are reused).")
+    ] = 1,
+):
+    """Run one flow (and whatever it needs upstream) on a config; complete artifacts are reused."""
+    from flows.runtime import FLOWS, run_flow
+
+    if flow not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r}; expected one of {list(FLOWS)}")
+    cfg = build_config(config, set_, workdir)
+    result = run_flow(flow, cfg, stage=stage)
+    if flow == "pipeline":
+        print_pipeline(result)
+    else:
+        print_reports(result.values() if isinstance(result, dict) else [result])
+
+
 @app.command()
 @user_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where components, checkpoints and samples go.")] = Path("workdir"),
-    seed: Annotated[int, typer.Option(help="Seed for weights, noise and prompts.")] = 0,
+    workdir: Annotated[str, typer.Option(help="Where artifacts go (the artifact store root).")] = "workdir",
+    set_: SetOption = None,
 ):
-    """Run what exists of the pipeline on tiny local components, on the CPU, in seconds."""
-    from flows.demo import run_demo
+    """The whole pipeline on the CPU in minutes: synthetic shapes, tiny T5 / LLaVA, the pixel codec, stages 1-3.
 
-    run_demo(workdir, seed=seed, console=console)
+    ingest -> LLaVA captions (a caption version) -> features -> stage 1 -> 2 -> 3 -> diffusers export -> a grid
+    of held-out prompts. Run it again: every artifact is reused and it finishes in seconds.
+    """
+    from flows.runtime import run_flow
+
+    print_pipeline(run_flow("pipeline", build_config("demo", set_, workdir)))
+
+
+@app.command()
+@user_errors
+def deploy(
+    pool: Annotated[
+        str, typer.Option(help="Process work pool the deployments use (created if missing).")
+    ] = "pixart-local",
+    prefect_file: Annotated[Path, typer.Option(help="Deployment declarations.")] = REPO / "prefect.yaml",
+):
+    """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError(
+            "PREFECT_API_URL is not set: start a server and a worker first (deploy/start_local.sh prints the "
+            "export line), or point it at your server"
+        )
+    if not prefect_file.is_file():
+        raise FileNotFoundError(f"{prefect_file} does not exist")
+    prefect = [sys.executable, "-m", "prefect"]
+    if subprocess.run([*prefect, "work-pool", "inspect", pool], capture_output=True).returncode != 0:
+        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], check=True)
+    command = [*prefect, "deploy", "--all", "--no-prompt", "--prefect-file", str(prefect_file), "--pool", pool]
+    done = subprocess.run(command, cwd=REPO)
+    if done.returncode != 0:
+        raise ValueError(f"prefect deploy failed (exit {done.returncode}); see its output above")
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    model: Annotated[Path, typer.Option(help="Export directory, stage directory, diffusers directory or checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Output PNG file.")],
+    text_encoder: Annotated[str | None, typer.Option(help="T5 directory or hub id (default: the model's).")] = None,
+    vae: Annotated[str | None, typer.Option(help="VAE directory or hub id (default: the model's).")] = None,
+    pixel_factor: Annotated[int | None, typer.Option(help="Decode with the pixel codec of this factor.")] = None,
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 20,
+    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.5,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    height: Annotated[int | None, typer.Option(help="Pixels (default: the model's trained size).")] = None,
+    width: Annotated[int | None, typer.Option(help="Pixels (default: the model's trained size).")] = None,
+):
+    """Sample one image for PROMPT from a trained or exported model."""
+    from models.grid import to_grid
+    from tasks.export import load_exported
+    from tasks.sample import generate_images
+
+    if vae and pixel_factor:
+        raise ValueError("pass --vae or --pixel-factor, not both")
+    codec = {"kind": "pixel", "factor": pixel_factor} if pixel_factor else {"kind": "vae", "vae": vae} if vae else None
+    net, encoder, latent_codec, negative = load_exported(model, text_encoder, codec)
+    images = generate_images(net, encoder, latent_codec, [prompt], height=height, width=width, steps=steps,
+                             cfg_scale=cfg_scale, seed=seed, negative=negative)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_grid(images, rows=1, pad=0).save(out)
+    console.print(f"wrote {out} ({images.shape[-1]}x{images.shape[-2]})")
+
+
+# ---------------------------------------------------------------------------------------------------
+#                                     Artifacts
+# ---------------------------------------------------------------------------------------------------
+
+
+def config_ids(configs: list[str], workdir: str | None) -> dict[str, str]:
+    """{artifact id: "config step"} of every step of each config."""
+    from flows.pipeline import planned_ids
+
+    named = {}
+    for name in configs:
+        for step, aid in planned_ids(build_config(name, [], workdir)).items():
+            named.setdefault(aid, f"{name} {step}")
+    return named
+
+
+@artifacts_app.command("ls")
+@user_errors
+def artifacts_ls(
+    workdir: Annotated[str, typer.Option(help="Artifact store root.")] = "workdir",
+    config: Annotated[list[str] | None, typer.Option("--config", "-c", help="Name each artifact's step in it.")] = None,
+):
+    """List the artifacts: id, stage, complete or not, shards, size; with -c, which step of the config each is."""
+    from storage.artifacts import ArtifactStore
+    from tasks.locks import is_locked
+
+    store = ArtifactStore(workdir)
+    named = config_ids(config or [], workdir)
+    table = Table(title=f"artifacts in {workdir}")
+    for column in ("id", "stage", "complete", "shards", "MB", "step" if config else "", "in use"):
+        if column:
+            table.add_column(column)
+    for a in store.ls():
+        row = [a.id, a.stage, "yes" if a.complete else "no", str(a.shards), f"{a.bytes / 1e6:.1f}"]
+        row += [named.get(a.id, "")] if config else []
+        table.add_row(*row, "locked" if is_locked(store.get(a.id).url) else "")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole ids, never folded
+
+
+@artifacts_app.command("gc")
+@user_errors
+def artifacts_gc(
+    workdir: Annotated[str, typer.Option(help="Artifact store root.")] = "workdir",
+    config: Annotated[
+        list[str] | None, typer.Option("--config", "-c", help="Keep every artifact of this config.")
+    ] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Keep this artifact id (and its upstream).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only list what would be deleted.")] = False,
+):
+    """Delete every artifact that no kept config or id needs (upstream artifacts of kept ones are kept)."""
+    from storage.artifacts import ArtifactStore
+    from tasks.locks import is_locked
+
+    if not config and not keep:
+        raise ValueError("name what to keep: -c CONFIG (its artifacts) and/or --keep ID; everything else is deleted")
+    store = ArtifactStore(workdir)
+    kept = set(config_ids(config or [], workdir)) | set(keep or [])
+    in_use = [aid for aid in store.ids() if is_locked(store.get(aid).url)]  # a run is writing them right now
+    dead = store.gc(kept | set(in_use), dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for aid in dead:
+        console.print(f"{verb} {aid}")
+    remaining = len(store.ids()) - (len(dead) if dry_run else 0)
+    skipped = f" ({len(in_use)} in use by a running step)" if in_use else ""
+    console.print(f"{verb} {len(dead)} artifacts, kept {remaining}{skipped}")
 
 
 if __name__ == "__main__":
