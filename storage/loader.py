@@ -73,6 +73,11 @@ class LoaderConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0: in the main process)")
     epochs: int | None = Field(None, ge=1, description="stop after this many epochs; None: endless")
     pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a CUDA device")
+    start_method: Literal["spawn", "forkserver", "fork"] = Field(
+        "spawn",
+        description="how DataLoader workers start; spawn by default: a process that already runs Ray, Prefect or "
+        "gloo threads cannot be forked safely (forked workers die at start)",
+    )
     split: Literal["shards", "batches"] = Field(
         "shards",
         description="shards: each rank reads its own shards (scales); batches: every rank reads all shards, builds "
@@ -270,7 +275,13 @@ class FeatureLoader:
             start = self.state
             epoch = EpochBatches(self.shards, config, self.rank, self.world_size, start, self.keep_keys)
             batches = (
-                DataLoader(epoch, batch_size=None, num_workers=config.num_workers, pin_memory=config.pin_memory)
+                DataLoader(
+                    epoch,
+                    batch_size=None,
+                    num_workers=config.num_workers,
+                    pin_memory=config.pin_memory,
+                    multiprocessing_context=config.start_method,
+                )
                 if config.num_workers
                 else epoch
             )
