@@ -41,10 +41,13 @@ def vae(tiny):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (starting one costs ~5 s); yields its address."""
+    """One local Ray instance for the whole session (starting one costs ~5 s); yields its address.
+
+    4 logical CPUs on the 2 cores: a Ray Train run's placement group can outlive it for a while (its cleaner
+    reports the controller gone), and the next 2-worker run must not wait for those CPUs."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
