@@ -5,13 +5,13 @@ plain script can run in-process with `python -m tasks.ray_train CONFIG.json`). T
 `models.training` (no Ray there); this module adds the distributed context, checkpoints Ray can restart
 from (`ray.train.report`), metrics, TensorBoard, sample grids and the stage's outputs:
 
-    <out>/checkpoints/step_XXXXXXXX/state.pt   full training state (official key layout + optimiser, EMA,
+    <out>/checkpoints/step_<NNNNNNNN>/state.pt   full training state (official key layout + optimiser, EMA,
                                                 RNG, each rank's loader position), the last K kept
     <out>/final.pt                              {"state_dict", "state_dict_ema", "model_config"}
     <out>/ema.pth                               the EMA weights alone (PixArt stages: load_pixart reads it)
     <out>/diffusers/                            the EMA transformer as a diffusers PixArtTransformer2DModel
     <out>/metrics.jsonl, <out>/tensorboard/     per-step loss, lr, grad norm, samples/s
-    <out>/samples/step_XXXXXXXX.png             sample grids for fixed prompts (or classes) and seeds
+    <out>/samples/step_<NNNNNNNN>.png             sample grids for fixed prompts (or classes) and seeds
     <out>/summary.json                          steps, samples seen, wall time, device-hours
 """
 
