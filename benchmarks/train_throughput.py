@@ -31,7 +31,7 @@ from storage.sources.shapes import ShapesConfig, ShapesSource
 from tasks.ray_train import StageRunConfig, run_stage
 
 
-def features(root: Path, count: int):
+def features(root: Path, count: int, factor: int):
     store = ArtifactStore(str(root / "store"))
     tiny = build_tiny_components(root / "tiny")
     shapes = ShapesConfig(count=count, image_size=32)
@@ -39,14 +39,20 @@ def features(root: Path, count: int):
     ingest(ShapesSource(shapes), images, samples_per_shard=64, progress=False)
     feats = store.artifact("features", {"codec": "pixel"}, upstream=[images.id])
     t5 = T5TextEncoder.from_pretrained(tiny.t5_dir)
-    extract_features(images, feats, t5, PixelCodec(factor=4), base_resolution=32, progress=False)
+    extract_features(images, feats, t5, PixelCodec(factor=factor), base_resolution=32, progress=False)
     return store, feats
 
 
 def measure(store, feats, args, name: str, workers: int, use_ray: bool) -> dict:
     steps, batch = args.steps, args.batch
     config = StageRunConfig(
-        model=StageModelConfig(stage=2, model=args.model, input_size=8, in_channels=48, caption_channels=32),
+        model=StageModelConfig(
+            stage=2,
+            model=args.model,
+            input_size=32 // args.pixel_factor,
+            in_channels=3 * args.pixel_factor**2,
+            caption_channels=32,
+        ),
         train=TrainConfig(
             steps=steps,
             global_batch_size=batch,
@@ -71,6 +77,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--model", default="PixArt-T/2", help="size preset (the demo recipe trains PixArt-T/2)")
     parser.add_argument("--batch", type=int, default=32, help="global batch (split over the workers)")
+    parser.add_argument("--pixel-factor", type=int, default=2, help="pixel codec factor (the demo uses 2)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,11 +86,15 @@ def main():
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        store, feats = features(Path(tmp), count=512)
+        store, feats = features(Path(tmp), count=512, factor=args.pixel_factor)
         plain = measure(store, feats, args, "plain", 1, False)
         one = measure(store, feats, args, "ray1", 1, True)
         two = measure(store, feats, args, "ray2", 2, True)
-    print(f"stage 2, {args.model}, 8x8x48 latents, global batch {args.batch}; median of steps {args.warmup}+:")
+    side, channels = 32 // args.pixel_factor, 3 * args.pixel_factor**2
+    print(
+        f"stage 2, {args.model}, {side}x{side}x{channels} latents, global batch {args.batch};"
+        f" median of steps {args.warmup}+:"
+    )
     for r in (plain, one, two):
         print(
             f"  {r['run']:<6} workers={r['workers']}  {r['samples_per_s']:8.1f} samples/s   wall {r['wall_s']:6.1f} s"

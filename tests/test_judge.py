@@ -121,6 +121,21 @@ def test_images_of_nothing_are_judged_wrong_not_crashing():
     assert not judge(torch.zeros(3, 32, 32), TWO).count  # a flat gray image shows no object
 
 
+def test_noise_is_not_read_as_the_shape_asked_for():
+    # Noise blobs fit some outline a little (up to ~0.65 IoU); a judge matching by shape first must not
+    # pick the one that happens to look like the prompt's shape.
+    g = torch.Generator().manual_seed(1)
+    noise = torch.rand(24, 3, 32, 32, generator=g) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(noise, 3, 1, 1).mul(2).clamp(-1, 1)  # blob-sized structure
+    clutter = 0
+    for image in (*noise, *blurred):
+        analysis = analyse(image)
+        assert analysis.objects == ()
+        assert not any(category_holds(judge(analysis, ONE), c) for c in ("color", "shape", "texture"))
+        clutter += analysis.clutter
+    assert clutter > 10  # blobs were found and rejected as clutter, not missed
+
+
 def test_score_applies_each_categorys_rule():
     images = [render(ONE, 64, 64), render(_with(ONE, 0, texture="striped"), 64, 64)]
     assert score(images, [ONE, ONE], "color") == [True, True]  # colour and shape right in both
