@@ -3,7 +3,12 @@
 `run_stage` is what orchestration calls; `train_worker` is the per-worker loop Ray Train runs (and that a
 plain script can run in-process with `python -m tasks.ray_train CONFIG.json`). Training itself lives in
 `models.training` (no Ray there); this module adds the distributed context, checkpoints Ray can restart
-from (`ray.train.report`), metrics, TensorBoard, sample grids and the stage's outputs:
+from (`ray.train.report`), metrics, TensorBoard, sample grids and the stage's outputs.
+
+Workers are data-parallel ranks: `parallel_strategy="ddp"` (the default) replicates the model, EMA and
+optimiser state on every rank; `"fsdp"` shards them per transformer block (PyTorch FSDP2), for PixArt-XL on
+GPUs with less memory. Either way the files below have one layout, and a run resumes from a checkpoint any
+strategy or world size wrote:
 
     <out>/checkpoints/step_<NNNNNNNN>/state.pt   full training state (official key layout + optimiser, EMA,
                                                 RNG, each rank's loader position), the last K kept
@@ -22,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -45,6 +50,12 @@ class StageRunConfig(BaseModel):
     train: TrainConfig
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    parallel_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several workers: ddp replicates parameters, gradients and optimiser state on every "
+        "worker; fsdp shards them (and the EMA) across workers, per transformer block, for PixArt-XL on GPUs "
+        "with less memory. Same trajectory and checkpoints either way; fsdp gathers weights to save them.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU workers with gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker when use_gpu (fractions allowed).")
@@ -66,11 +77,15 @@ class StageRunConfig(BaseModel):
 def load_stage_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
     """A previous stage's final.pt as its model (raw weights: the reference initialises from them)."""
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    config = raw["model_config"]
+    return model_from_state(raw["model_config"], raw["state_dict"])
+
+
+def model_from_state(config: dict, state_dict: dict) -> torch.nn.Module:
+    """The model `describe` described, with these weights (a plain module on the CPU)."""
     if config.get("kind") == "dit":
-        return dit_from_state_dict(raw["state_dict"], num_heads=config["num_heads"])
+        return dit_from_state_dict(state_dict, num_heads=config["num_heads"])
     model = build_from_config({k: v for k, v in config.items() if k != "kind"})
-    model.load_state_dict(raw["state_dict"])
+    model.load_state_dict(state_dict)
     return model
 
 
@@ -160,24 +175,28 @@ def train_worker(cfg: dict) -> None:
     if run.train.global_batch_size % world:
         raise ValueError(f"global_batch_size={run.train.global_batch_size} is not divisible by {world} workers")
 
-    # 1. Model and trainer (same seed on every rank: identical initial weights before DDP syncs them)
+    # 1. Model and trainer (same seed on every rank: identical initial weights before DDP or FSDP shares them)
     torch.manual_seed(run.train.seed)
     model = build_model(run.model, cfg.get("init_model"))
+    fsdp = world > 1 and run.parallel_strategy == "fsdp"
     wrap = None
-    if world > 1:
+    if world > 1 and not fsdp:
         import ray.train.torch
 
         wrap = lambda m: ray.train.torch.prepare_model(m, move_to_device=False)  # noqa: E731 (DDP)
-    trainer = Trainer(model, run.train, device=device, rank=rank, world_size=world, wrap=wrap)
+    trainer = Trainer(model, run.train, device=device, rank=rank, world_size=world, wrap=wrap, fsdp=fsdp)
+    description = describe(trainer.model)
 
-    # 2. Resume: Ray's checkpoint after a worker failure, else the newest one on disk (driver crash)
-    state, loader_states = None, None
+    # 2. Resume: Ray's checkpoint after a worker failure, else the newest one on disk (driver crash). Every rank
+    # maps the file (its pages are shared) and keeps its part: all of it, or its FSDP shards.
+    loader_states = None
     checkpoint_dir = _ray_checkpoint_dir() if under_ray else None
     checkpoint_dir = checkpoint_dir or _latest_checkpoint(out / "checkpoints")
     if checkpoint_dir is not None:
-        state = torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=True, mmap=True)
         trainer.load_state_dict(state)
         loader_states = state["loader"]
+        del state
     shards = [(url, ShardInfo(**info)) for url, info in cfg["shards"]]
     loader_cfg = run.loader.model_copy(update={"batch_size": run.train.global_batch_size // world})
     loader = build_loader(
@@ -185,7 +204,7 @@ def train_worker(cfg: dict) -> None:
         loader_cfg,
         rank=rank,
         world_size=world,
-        state=loader_states[rank] if loader_states else None,
+        state=_loader_state(loader_states, rank, world, run.loader.split),
         keep_keys=set(cfg["keep_keys"]) if cfg.get("keep_keys") is not None else None,
     )
     outputs = StageOutputs(out, run, trainer.step) if rank == 0 else None
@@ -195,16 +214,16 @@ def train_worker(cfg: dict) -> None:
     def on_checkpoint(step: int) -> None:
         states = _gather(loader.state_dict(), world)
         metrics = {"step": step, "loss": outputs_last["loss"]}
+        state = trainer.state_dict()  # every rank: under FSDP this gathers the shards to rank 0
         if rank == 0:
             path = out / "checkpoints" / f"step_{step:08d}"
             path.mkdir(parents=True, exist_ok=True)
-            full = {**trainer.state_dict(), "loader": states, "model_config": describe(trainer.model)}
-            torch.save(full, path / "state.pt.tmp")
+            torch.save({**state, "loader": states, "model_config": description}, path / "state.pt.tmp")
             os.replace(path / "state.pt.tmp", path / "state.pt")
             for old in sorted((out / "checkpoints").glob("step_*"))[: -run.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             if sampler and (run.sample_every and step % run.sample_every == 0):
-                sampler.grid(trainer.ema, step)
+                sampler.grid(_ema_module(trainer, description, state["state_dict_ema"]), step)
         if under_ray:
             import ray.train
 
@@ -228,21 +247,19 @@ def train_worker(cfg: dict) -> None:
         on_checkpoint,
     )
 
-    # 4. Outputs of the stage (rank 0)
+    # 4. Outputs of the stage (rank 0; every rank gathers under FSDP)
+    weights, ema_weights = trainer.weights()
     if rank == 0:
         outputs.close()
-        final = {
-            "state_dict": trainer.model.state_dict(),
-            "state_dict_ema": trainer.ema.state_dict(),
-            "model_config": describe(trainer.model),
-        }
+        final = {"state_dict": weights, "state_dict_ema": ema_weights, "model_config": description}
         torch.save(final, out / "final.pt")
-        if isinstance(trainer.ema, PixArt):
-            save_pixart(trainer.ema, out / "ema.pth")
+        ema = _ema_module(trainer, description, ema_weights)
+        if isinstance(ema, PixArt):
+            save_pixart(ema, out / "ema.pth")
             from models.convert_pixart import pixart_to_diffusers
 
-            pixart_to_diffusers(trainer.ema).save_pretrained(out / "diffusers")
-        sampler.grid(trainer.ema, trainer.step)
+            pixart_to_diffusers(ema).save_pretrained(out / "diffusers")
+        sampler.grid(ema, trainer.step)
         previous = _read_json(out / "summary.json")
         summary_dict = {
             "stage": run.model.stage,
@@ -259,9 +276,33 @@ def train_worker(cfg: dict) -> None:
         (out / "summary.json").write_text(json.dumps(summary_dict, indent=1))
 
 
+def _ema_module(trainer: Trainer, description: dict, ema_weights: dict) -> torch.nn.Module:
+    """The EMA as a plain module on the trainer's device, for sampling and export: the trainer's own, or under
+    FSDP one rebuilt on rank 0 from the gathered weights (without drawing from the training RNG)."""
+    if not trainer.fsdp:
+        return trainer.ema
+    with torch.random.fork_rng(devices=[]):
+        return model_from_state(description, ema_weights).eval().requires_grad_(False).to(trainer.device)
+
+
 def _global_index(batch: dict, rank: int, per_rank: int) -> torch.Tensor:
     """Positions of this rank's samples in the global batch (seeds their noise and timesteps)."""
     return torch.arange(len(batch["keys"])) + rank * per_rank
+
+
+def _loader_state(saved: list[dict] | None, rank: int, world: int, split: str) -> dict | None:
+    """This rank's position from a checkpoint's per-rank loader positions. With split="batches" a position
+    counts global batches, the same on every rank, so it carries over to another world size."""
+    if not saved:
+        return None
+    if len(saved) == world:
+        return saved[rank]
+    if split == "batches":
+        return saved[0]
+    raise ValueError(
+        f"the checkpoint holds the loader positions of {len(saved)} workers but this run has {world}; with "
+        f"loader.split='shards' resume with num_workers={len(saved)} (split='batches' positions carry over)"
+    )
 
 
 def _ray_checkpoint_dir() -> str | None:

@@ -4,7 +4,11 @@ Every random draw of a step (timestep, noise, caption/class dropout) comes from 
 (seed, step, global sample index). Two consequences we rely on:
 - resume is exact: the step after a restart draws what the uninterrupted run would have drawn;
 - N workers on slices of a global batch compute the same per-sample losses as one worker on the whole
-  batch, so DDP and single-process runs follow the same trajectory (up to float summation order).
+  batch, so DDP, FSDP and single-process runs follow the same trajectory (up to float summation order).
+
+Under FSDP (`fsdp=True`) the model and its EMA are sharded alike over the ranks, and `state_dict` gathers
+full weights and optimiser state in the layout a single process writes, so checkpoints move between
+strategies and world sizes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from models.diffusion import GaussianDiffusion, create_diffusion
 from models.dit import DiT
@@ -85,19 +99,31 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        fsdp: bool = False,
     ):
+        """wrap: a data-parallel wrapper for the forward and backward (e.g. DDP); the EMA stays a replica.
+        fsdp: shard parameters, gradients, optimiser state and the EMA over the default process group."""
+        if wrap is not None and fsdp:
+            raise ValueError("wrap (e.g. DDP) and fsdp=True are exclusive: FSDP is the data-parallel wrapper")
         self.config = config
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
-        self.model = model.to(self.device).train()
+        self.fsdp = fsdp
+        self.model = model.train()
         if config.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
             model.enable_gradient_checkpointing()
-        self.net = wrap(self.model) if wrap else self.model  # e.g. DistributedDataParallel
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if fsdp:
+            shard_by_block(self.model, self.device, world_size)
+            shard_by_block(self.ema, self.device, world_size)  # same layout: each rank averages its own shards
+        else:
+            self.model.to(self.device)
+            self.ema.to(self.device)
+        self.net = wrap(self.model) if wrap else self.model  # e.g. DistributedDataParallel
         learn_sigma = getattr(model, "pred_sigma", getattr(model, "learn_sigma", True))
         self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=learn_sigma)
         lr = config.optimizer.effective_lr(config.global_batch_size)
-        self.optimizer = build_optimizer(self.model, config.optimizer, lr)
+        self.optimizer = build_optimizer(self.model, config.optimizer, lr)  # after sharding: over the shards
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_constant(config.optimizer.warmup_steps)
         )
@@ -163,10 +189,13 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(float("nan"))
+        scaled = self.scaler.scale(loss)  # also sets the initial scale, which a skipped first step backs off
         if torch.isfinite(stats[0]):  # every rank sees the same global loss: all skip or none
-            self.scaler.scale(loss).backward()
+            scaled.backward()
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated on every rank
+                grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(stats[0])) and bool(torch.isfinite(grad_norm))
         if finite:
             self.scaler.step(self.optimizer)
@@ -176,7 +205,9 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
-                self.scaler.update()
+                # Back off explicitly rather than from this rank's own inf check: under FSDP a rank sees only
+                # its shards, and every rank must keep the same scale (the reduced gradients mix them).
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.nonfinite_steps += 1
             self._nonfinite_in_row += 1
             if self._nonfinite_in_row >= self.config.max_consecutive_nonfinite:
@@ -223,12 +254,25 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
 
+    def weights(self) -> tuple[dict, dict]:
+        """Full model and EMA state dicts in the official key layout. Under FSDP every rank must call it (it
+        gathers the shards); rank 0 gets them on the CPU, the other ranks empty dicts."""
+        if not self.fsdp:
+            return self.model.state_dict(), self.ema.state_dict()
+        return get_model_state_dict(self.model, options=_FULL), get_model_state_dict(self.ema, options=_FULL)
+
     def state_dict(self) -> dict:
-        """Weights in the official key layout plus everything exact resume needs."""
+        """Weights in the official key layout plus everything exact resume needs; the same layout whatever
+        the strategy. Under FSDP every rank must call it, and only rank 0's weights and optimiser are full."""
+        model, ema = self.weights()
+        if self.fsdp:  # keyed by parameter name; index them as `Optimizer.state_dict` does
+            optimizer = _optimizer_by_index(get_optimizer_state_dict(self.model, self.optimizer, options=_FULL))
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
-            "state_dict": self.model.state_dict(),
-            "state_dict_ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "state_dict": model,
+            "state_dict_ema": ema,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -237,15 +281,67 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["state_dict"])
-        self.ema.load_state_dict(state["state_dict_ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A full state (from any strategy); under FSDP every rank passes it and keeps its own shards."""
+        if self.fsdp:
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["state_dict"], options=options)
+            set_model_state_dict(self.ema, state["state_dict_ema"], options=options)
+            names = {p: name for name, p in self.model.named_parameters()}
+            order = [names[p] for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer = _optimizer_by_name(state["optimizer"], order)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=options)
+        else:
+            self.model.load_state_dict(state["state_dict"])
+            self.ema.load_state_dict(state["state_dict_ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         torch.set_rng_state(state["rng"]["torch"])
         _set_numpy_state(state["rng"]["numpy"])
+
+
+# ---------------------------------------------------------------------------------------------------
+#                                   FSDP: sharding and full states
+# ---------------------------------------------------------------------------------------------------
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, on rank 0's CPU
+
+
+def shard_by_block(model: nn.Module, device: torch.device, world_size: int) -> None:
+    """FSDP2 (`fully_shard`, in place) over all ranks: one unit per transformer block, whose parameters are
+    gathered only around its own forward and backward, and the root unit for the embedders and final layer.
+
+    Parameters stay fp32 (autocast does the mixed precision, as without FSDP): PixArt casts timesteps and
+    size conditions to its parameter dtype, and bf16 would round t = 999 to a multiple of 4.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # each unit moves its parameters and buffers to `device` as it shards them
+
+
+def _optimizer_by_index(state: dict) -> dict:
+    """A name-keyed optimiser state dict (torch.distributed.checkpoint's) -> `Optimizer.state_dict`'s layout,
+    parameters numbered in param-group order. Ranks other than 0 have an empty one."""
+    if not state:
+        return state
+    index = {name: i for i, name in enumerate(name for g in state["param_groups"] for name in g["params"])}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def _optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """The inverse of `_optimizer_by_index`: `names` are the parameters' names in param-group order."""
+    return {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def _numpy_state() -> dict:
