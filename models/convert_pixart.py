@@ -90,6 +90,11 @@ def diffusers_to_official_state_dict(sd: dict[str, torch.Tensor], depth: int, mu
 
 def diffusers_config(model: PixArt) -> dict:
     """The PixArtTransformer2DModel config that reproduces `model` exactly."""
+    if model.adaln != "single":
+        raise ValueError(
+            f"adaln={model.adaln!r}: diffusers' PixArtTransformer2DModel has adaLN-single only; a model with "
+            "per-block adaLN (the ablation) cannot be converted or exported, keep its checkpoint (save_pixart)"
+        )
     mlp_ratio = model.blocks[0].mlp.fc1.out_features / model.hidden_size
     if mlp_ratio != 4.0:
         raise ValueError(f"diffusers' PixArt has a fixed MLP ratio of 4, this model has mlp_ratio={mlp_ratio}")

@@ -8,10 +8,13 @@ L text tokens, D hidden size, C latent channels.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.dit import FinalLayer
 from models.layers import (
     Attention,
     Mlp,
@@ -23,6 +26,11 @@ from models.layers import (
     sincos_2d,
     unpatchify,
 )
+
+# How the timestep modulates the blocks. "single": PixArt's adaLN-single, one MLP t -> t0 shared by all blocks
+# plus a learned (6, D) table per block. "block": DiT's adaLN, an MLP t -> 6D in every block (for the ablation of
+# the paper's adaLN-single section; no diffusers counterpart).
+AdaLN = Literal["single", "block"]
 
 # ---------------------------------------------------------------------------------------------------
 #                                       Conditioning embedders
@@ -90,9 +98,17 @@ class DropPath(nn.Module):
 
 
 class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention to text, MLP; modulated by the shared t0 plus a per-block table."""
+    """Self-attention, cross-attention to text, MLP; modulated by adaLN-single (the shared t0 plus this block's
+    table) or, with adaln="block", by DiT's adaLN (this block's own MLP of t)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        adaln: AdaLN = "single",
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
@@ -100,13 +116,22 @@ class PixArtBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        # adaLN-single: this block's own embedding E_i (6, D), added to the shared t0.
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.adaln = adaln
+        if adaln == "single":
+            # adaLN-single: this block's own embedding E_i (6, D), added to the shared t0.
+            self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        else:
+            # DiT's adaLN: this block's own MLP from t to its six modulation vectors (6D^2 + 6D parameters).
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, attn_mask: torch.Tensor | None):
-        """x (N, T, D), y (N, L, D) or packed valid tokens (S, D), t0 (N, 6D), attn_mask (N, 1, 1, L) bool."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None):
+        """x (N, T, D), y (N, L, D) or packed valid tokens (S, D), attn_mask (N, 1, 1, L) bool; c the timestep
+        condition: t0 (N, 6D) with adaLN-single, t (N, D) with per-block adaLN."""
         n = x.shape[0]
-        mod = self.scale_shift_table[None] + t0.reshape(n, 6, -1)  # (N, 6, D)
+        if self.adaln == "single":
+            mod = self.scale_shift_table[None] + c.reshape(n, 6, -1)  # (N, 6, D)
+        else:
+            mod = self.adaLN_modulation(c).reshape(n, 6, -1)  # (N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each (N, 1, D)
         x = self.gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = x + self.cross_attn(x, y, attn_mask)
@@ -152,11 +177,14 @@ class PixArt(nn.Module):
         caption_channels: int = 4096,
         model_max_length: int = 120,
         lewei_scale: float = 1.0,
+        adaln: AdaLN = "single",
         **unused,
     ):
         super().__init__()
         if unused:
             raise TypeError(f"unexpected PixArt arguments: {sorted(unused)}")
+        if adaln not in ("single", "block"):
+            raise ValueError(f"adaln={adaln!r}; expected 'single' (PixArt's adaLN-single) or 'block' (DiT's per-block)")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -168,20 +196,25 @@ class PixArt(nn.Module):
         self.model_max_length = model_max_length
         self.lewei_scale = lewei_scale
         self.base_size = input_size // patch_size
+        self.adaln = adaln
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # adaLN-single: one MLP from t to all six modulation vectors, shared by every block.
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        if adaln == "single":
+            # adaLN-single: one MLP from t to all six modulation vectors, shared by every block.
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         num_patches = self.base_size**2
         self.register_buffer("pos_embed", torch.zeros(1, num_patches, hidden_size))  # persistent: official key
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
-            [PixArtBlock(hidden_size, num_heads, mlp_ratio, drop_path=rates[i]) for i in range(depth)]
+            [PixArtBlock(hidden_size, num_heads, mlp_ratio, drop_path=rates[i], adaln=adaln) for i in range(depth)]
         )
-        self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
+        if adaln == "single":
+            self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
+        else:
+            self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)  # DiT's, modulated by t
         self.initialize_weights()
 
     # -- initialisation ---------------------------------------------------------------------------
@@ -205,7 +238,8 @@ class PixArt(nn.Module):
         # Timestep, adaLN-single and caption MLPs: N(0, 0.02) as the reference.
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        if self.adaln == "single":
+            nn.init.normal_(self.t_block[1].weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
 
@@ -215,6 +249,12 @@ class PixArt(nn.Module):
             nn.init.constant_(block.cross_attn.proj.bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
+
+        # Per-block adaLN: adaLN-Zero as DiT, zero modulation, so every block starts as the identity.
+        if self.adaln == "block":
+            for module in [*(block.adaLN_modulation for block in self.blocks), self.final_layer.adaLN_modulation]:
+                nn.init.constant_(module[-1].weight, 0)
+                nn.init.constant_(module[-1].bias, 0)
 
     def position_table(self, h: int, w: int) -> torch.Tensor:
         """(h*w, D) sin-cos positions for an h x w token grid, scaled by lewei_scale around base_size."""
@@ -263,13 +303,13 @@ class PixArt(nn.Module):
 
         x = self.embed_positions(x)  # (N, T, D)
         t = self.embed_time(timestep, n, data_info)  # (N, D)
-        t0 = self.t_block(t)  # (N, 6D)
+        c = self.t_block(t) if self.adaln == "single" else t  # (N, 6D) the shared t0, or (N, D) for per-block MLPs
         y = self.y_embedder(y.to(self.dtype), self.training, force_drop_ids, valid)  # (N, L, D) or packed (S, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, y, c, attn_mask, use_reentrant=False)
             else:
-                x = block(x, y, t0, attn_mask)  # (N, T, D)
+                x = block(x, y, c, attn_mask)  # (N, T, D)
         x = self.final_layer(x, t)  # (N, T, p*p*C_out)
         return unpatchify(x, h, w, self.patch_size, self.out_channels)  # (N, C_out, H, W)
 
@@ -368,7 +408,7 @@ class PixArtMS(PixArt):
         t = self.t_embedder(timestep.to(self.dtype))  # (N, D)
         csize = self.csize_embedder(data_info["img_hw"].to(t), n)  # (N, 2D/3)
         ar = self.ar_embedder(data_info["aspect_ratio"].to(t), n)  # (N, D/3)
-        return t + torch.cat([csize, ar], dim=1)  # (N, D)
+        return t + torch.cat([csize, ar], dim=1)  # (N, D): into t_block, or every block's own adaLN MLP
 
 
 # ---------------------------------------------------------------------------------------------------

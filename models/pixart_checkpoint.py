@@ -19,9 +19,10 @@ from models.pixart import PixArt, PixArtMS
 
 
 def model_config(model: PixArt) -> dict:
-    """Constructor kwargs that rebuild `model` (plus `multi_scale`)."""
+    """Constructor kwargs that rebuild `model` (plus `multi_scale`); `adaln` only when not the default "single",
+    so configs of adaLN-single models read as before per-block adaLN existed."""
     block = model.blocks[0]
-    return dict(
+    config = dict(
         input_size=model.input_size,
         patch_size=model.patch_size,
         in_channels=model.in_channels,
@@ -36,6 +37,9 @@ def model_config(model: PixArt) -> dict:
         lewei_scale=model.lewei_scale,
         multi_scale=isinstance(model, PixArtMS),
     )
+    if model.adaln != "single":
+        config["adaln"] = model.adaln
+    return config
 
 
 def build_from_config(config: dict) -> PixArt:
