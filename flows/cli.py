@@ -4,7 +4,7 @@ Every command is a thin shell over the flows and `models/`: it parses, calls, re
 (a missing file, a bad config value, a checkpoint that does not fit) print what to fix and exit 1.
 
     pixart demo                                    the whole pipeline on the CPU, tiny components, minutes
-    pixart run FLOW -c CONFIG [--set a.b=c ...]    one flow: ingest, caption, extract, train, pipeline
+    pixart run FLOW -c CONFIG [--set a.b=c ...]    one flow: ingest, caption, extract, train, evaluate, pipeline
     pixart deploy                                  the deployments of prefect.yaml, on a running server
     pixart generate "PROMPT" --model DIR --out FILE.png
     pixart artifacts ls | gc                       what the workdir holds; delete what no config needs
@@ -185,6 +185,12 @@ def print_reports(reports) -> None:
     console.print(table)
 
 
+def print_evaluation(summary: dict) -> None:
+    from flows.report import evaluation_line
+
+    console.print(evaluation_line(summary), highlight=False)
+
+
 def print_pipeline(summary: dict) -> None:
     from flows.report import StageReport
 
@@ -198,26 +204,46 @@ def print_pipeline(summary: dict) -> None:
         )
     if "samples" in outputs:
         console.print(f"held-out sample grid: {outputs['samples']['grid']}")
+    if "evaluation" in outputs:
+        print_evaluation(outputs["evaluation"])
     console.print(f"run summary: {summary['path']}  ({summary['seconds']:.1f} s)")
 
 
 @app.command()
 @user_errors
 def run(
-    flow: Annotated[str, typer.Argument(help="ingest | caption | extract | train | pipeline")],
+    flow: Annotated[str, typer.Argument(help="ingest | caption | extract | train | evaluate | pipeline")],
     config: ConfigOption,
     set_: SetOption = None,
     workdir: WorkdirOption = None,
     stage: Annotated[
         int, typer.Option(min=1, max=3, help="train only: the stage, 1, 2 or 3 (earlier ones run or are reused).")
     ] = 1,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="evaluate only: the model to judge on held-out prompts: an artifact id of the workdir (export-..., "
+            "stage3-...), an export or stage directory, or a checkpoint (default: the config's export, run or reused)."
+        ),
+    ] = None,
 ):
     """Run one flow (and whatever it needs upstream) on a config; complete artifacts are reused."""
-    from flows.runtime import FLOWS, run_flow
+    from flows.runtime import FLOWS, prefect_api, run_flow
 
-    if flow not in FLOWS:
-        raise ValueError(f"unknown flow {flow!r}; expected one of {list(FLOWS)}")
+    flows = [*FLOWS, "evaluate"]  # run_flow dispatches the others; evaluate takes --model besides the config
+    if flow not in flows:
+        raise ValueError(f"unknown flow {flow!r}; expected one of {flows}")
+    if model is not None and flow != "evaluate":
+        raise ValueError(f"--model names the model `pixart run evaluate` judges; flow {flow!r} takes none")
     cfg = build_config(config, set_, workdir)
+    if flow == "evaluate":
+        from flows.pipeline import evaluate
+
+        with prefect_api():
+            report = evaluate(cfg, model)
+        print_reports([report])
+        print_evaluation(report.summary)
+        return
     result = run_flow(flow, cfg, stage=stage)
     if flow == "pipeline":
         print_pipeline(result)
@@ -234,7 +260,8 @@ def demo(
     """The whole pipeline on the CPU in minutes: synthetic shapes, tiny T5 / LLaVA, the pixel codec, stages 1-3.
 
     ingest -> LLaVA captions (a caption version) -> features -> stage 1 -> 2 -> 3 -> diffusers export -> a grid
-    of held-out prompts. Run it again: every artifact is reused and it finishes in seconds.
+    of held-out prompts and their evaluation per category. Run it again: every artifact is reused and it finishes
+    in seconds.
     """
     from flows.runtime import run_flow
 

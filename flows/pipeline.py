@@ -1,8 +1,8 @@
-"""The Prefect flows: ingest, caption, extract-features, train (one stage) and the whole pipeline.
+"""The Prefect flows: ingest, caption, extract-features, train (one stage), evaluate and the whole pipeline.
 
     ingest ──▶ caption (LLaVA, a caption version) ──▶ extract-features (T5 + latents, per stage resolution)
                                                                    │
-       samples ◀── export ◀── stage 3 ◀── stage 2 ◀── stage 1 ◀────┘
+       samples, evaluation ◀── export ◀── stage 3 ◀── stage 2 ◀── stage 1 ◀────┘
 
 Every flow takes the one `PipelineConfig` (Prefect renders it as a form) and returns a `StageReport` per step.
 A flow whose upstream artifact is not given runs (or reuses) the upstream flow first, so `train --stage 3`
@@ -17,6 +17,7 @@ for the first and then reuse its work.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -26,6 +27,7 @@ from prefect.runtime import flow_run
 from flows.report import (
     StageReport,
     publish_caption,
+    publish_evaluation,
     publish_features,
     publish_ingest,
     publish_outputs,
@@ -40,6 +42,7 @@ from storage.sources.shapes import ShapesConfig, heldout_prompts
 from tasks.caption import caption_shard, caption_version
 from tasks.components import latent_codec, resolve_components
 from tasks.config import PipelineConfig
+from tasks.evaluate import evaluate_model, evaluation_prompts, model_fingerprint
 from tasks.execution import ray_session, run_on_ray
 from tasks.export import export_model
 from tasks.features import extract_shard, finish_features
@@ -124,6 +127,8 @@ def planned_ids(config: PipelineConfig) -> dict[str, str]:
     ids["export"] = artifact_id("export", config.export_identity(), [previous])
     prompts = [p["prompt"] for p in sample_prompts(config)]
     ids["samples"] = artifact_id("samples", config.sample.identity(prompts), [ids["export"]])
+    if config.evaluate.enabled and (pairs := evaluation_prompts(config.evaluate, config.ingest.source)):
+        ids["evaluation"] = artifact_id("evaluation", config.evaluate.identity(pairs), [ids["export"]])
     return ids
 
 
@@ -305,7 +310,7 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------------
-#                                     Export and samples (pipeline steps)
+#                                 Export, samples, evaluation (pipeline steps)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -348,9 +353,86 @@ def sample_step(config: PipelineConfig, export_artifact: str, runner) -> StageRe
     return result
 
 
+def no_evaluation_prompts(config: PipelineConfig) -> str:
+    return (
+        f"evaluate.prompts is empty and ingest.source.kind={config.ingest.source.kind!r} has no held-out prompts: "
+        "set evaluate.prompts ({category: [captions of the shapes grammar]}) or evaluate.enabled=false"
+    )
+
+
+def evaluation_step(
+    config: PipelineConfig,
+    prompts: list[tuple[str, str]],
+    model: str,
+    upstream: list[str],
+    runner,
+    model_identity: dict | None = None,
+) -> StageReport:
+    """The model sampled on (category, prompt) pairs and judged per category (see tasks.evaluate).
+
+    upstream: the model's artifact; a model from outside the store has none, and `model_identity` names it.
+    Metrics whose weights are missing are skipped, never fatal: the report records why, and so does the log.
+    """
+    store, start = ArtifactStore(config.workdir), time.perf_counter()
+    identity = config.evaluate.identity(prompts) | (model_identity or {})
+    artifact = store.artifact("evaluation", identity, upstream=upstream)
+    with artifact_lock(artifact):
+        reused = artifact.complete
+        if not reused:
+            params = {"model": model, "prompts": prompts, "config": config.evaluate}
+            params |= {"components": resolve_components(config.components, config.workdir)}
+            params |= {"root": store.root, "evaluation_id": artifact.id}
+            run_on_ray(runner(), evaluate_model, [params], config.evaluate.resources, desc="evaluate")
+    result = report("evaluation", artifact, reused, start)
+    logger = get_run_logger()
+    for name, metric in result.summary["metrics"].items():
+        if not metric["available"]:
+            logger.warning(f"evaluation: {name} skipped, {metric['reason']} (the report records it)")
+    logger.info(f"evaluation: overall {result.summary['overall']:.3f}, report {result.summary['files']['markdown']}")
+    publish_evaluation(result)
+    return result
+
+
+def model_to_evaluate(store: ArtifactStore, model: str) -> tuple[str, list[str], dict]:
+    """(what to load, upstream artifact ids, model identity) for the `evaluate` flow's `model`: an artifact id
+    (export, or a stage's EMA checkpoint) or a path outside the store (named by its fingerprint)."""
+    if not re.fullmatch(r"[a-z0-9_]+-[0-9a-f]{16}", model):
+        return model, [], {"model": model_fingerprint(model)}
+    artifact = complete_upstream(store, model, "model")
+    summary = artifact.manifest["summary"]
+    if artifact.stage == "export":
+        return summary["dir"], [model], {}
+    ema = summary.get("outputs", {}).get("ema")
+    if ema is None:
+        raise ValueError(
+            f"{model} has no EMA PixArt checkpoint to evaluate (a stage-1 DiT is class-conditional): pass an "
+            "export or a stage 2 or 3 artifact"
+        )
+    return ema, [model], {}
+
+
+@flow(name="evaluate")
+def evaluate(config: PipelineConfig, model: str | None = None) -> StageReport:
+    """Judge a model on held-out shapes prompts, per T2I-CompBench category: report, grids, Prefect table.
+
+    model: an artifact id of the workdir (export-..., stage2-..., stage3-...), an export or stage directory, or a
+    checkpoint (ema.pth, final.pt); omitted: the config's export, run (or reused) first.
+    """
+    if not config.evaluate.enabled:
+        raise ValueError("evaluate.enabled is false: set evaluate.enabled=true to evaluate")
+    prompts = evaluation_prompts(config.evaluate, config.ingest.source)
+    if not prompts:
+        raise ValueError(no_evaluation_prompts(config))
+    with ray_session(config.ray) as runner:
+        if model is None:
+            model = export_step(config, train(config, 3).artifact, runner).artifact
+        path, upstream, identity = model_to_evaluate(ArtifactStore(config.workdir), model)
+        return evaluation_step(config, prompts, path, upstream, runner, identity)
+
+
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig) -> dict:
-    """ingest -> caption -> extract -> stage 1 -> 2 -> 3 -> export -> samples, up to `config.until`."""
+    """ingest -> caption -> extract -> stage 1 -> 2 -> 3 -> export -> samples, evaluation, up to `config.until`."""
     start, reports = time.perf_counter(), []
     with ray_session(config.ray) as runner:
         images = ingest(config)
@@ -373,6 +455,12 @@ def pipeline(config: PipelineConfig) -> dict:
             reports.append(export)
             if config.runs("sample") and config.sample.enabled:
                 reports.append(sample_step(config, export.artifact, runner))
+            if config.runs("evaluate") and config.evaluate.enabled:
+                if prompts := evaluation_prompts(config.evaluate, config.ingest.source):
+                    model = export.summary["dir"]
+                    reports.append(evaluation_step(config, prompts, model, [export.artifact], runner))
+                else:
+                    get_run_logger().warning(f"evaluation skipped: {no_evaluation_prompts(config)}")
     seconds = time.perf_counter() - start
     summary = {
         "workdir": config.workdir,

@@ -1,8 +1,8 @@
 """What a step did, and how a flow run shows it: Prefect table / markdown artifacts, and the run summary.
 
 Every flow run publishes, per step it passes through, a table artifact keyed by the step (`ingest-counts`,
-`caption-stats`, `features-32px`, `stage2-training`, ...), so the Prefect UI keeps each step's history across
-runs; the pipeline adds a markdown run summary with the DAG, the artifact ids and where outputs are.
+`caption-stats`, `features-32px`, `stage2-training`, `evaluation`, ...), so the Prefect UI keeps each step's
+history across runs; the pipeline adds a markdown run summary with the DAG, the artifact ids and where outputs are.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 class StageReport:
     """One step of a run: its artifact, whether it was reused, what ran, how long it took, its manifest summary."""
 
-    step: str  # "ingest", "caption", "features-32px", "stage1", "export", "samples"
+    step: str  # "ingest", "caption", "features-32px", "stage1", "export", "samples", "evaluation"
     artifact: str  # artifact id
     url: str  # artifact directory
     reused: bool  # complete before this run touched it: nothing ran
@@ -112,11 +112,47 @@ def publish_outputs(report: StageReport, description: str) -> None:
     publish(report, report.step, list(report.summary.items()), description)
 
 
+def evaluation_rows(summary: dict) -> list[dict]:
+    """One row per category (accuracy, 95% Wilson interval, counts, the paper's figure), then the overall mean."""
+    rows = [
+        {
+            "category": c["category"],
+            "accuracy": round(c["accuracy"], 4),
+            "95% CI": f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]",
+            "correct": f"{c['correct']}/{c['num_images']}",
+            "prompts": c["num_prompts"],
+            "PixArt-α T2I-CompBench (paper)": "" if c["paper"] is None else c["paper"],
+        }
+        for c in summary["categories"]
+    ]
+    overall = {"category": "overall (mean of categories)", "accuracy": round(summary["overall"], 4)}
+    overall |= {"95% CI": "", "correct": "", "prompts": "", "PixArt-α T2I-CompBench (paper)": ""}
+    return [*rows, overall]
+
+
+def describe_metric(metric: dict) -> str:
+    return f"{metric['value']:.4f}" if metric["available"] else f"skipped: {metric['reason']}"
+
+
+def publish_evaluation(report: StageReport) -> None:
+    """The category scores as a table; the artifact, the metrics and where the report and grids are, above it."""
+    s = report.summary
+    lines = [
+        f"Held-out evaluation of `{s['model']}`: {s['num_images']} images, {s['images_per_prompt']} per prompt. "
+        f"Artifact `{report.artifact}` ({report.status}, {report.seconds:.1f} s).",
+        "",
+        *(f"- {name}: {describe_metric(m)}" for name, m in s["metrics"].items()),
+        f"- report: `{s['files']['markdown']}` (data: `{s['files']['json']}`)",
+        *(f"- grid {k.removeprefix('grid_')}: `{v}`" for k, v in s["files"].items() if k.startswith("grid_")),
+    ]
+    create_table_artifact(evaluation_rows(s), key=artifact_key(report.step), description="\n".join(lines))
+
+
 def run_summary_markdown(reports: list[StageReport], seconds: float, workdir: str) -> str:
     lines = [
         "# PixArt-alpha pipeline run",
         "",
-        "ingest -> caption -> features -> stage 1 -> stage 2 -> stage 3 -> export -> samples",
+        "ingest -> caption -> features -> stage 1 -> stage 2 -> stage 3 -> export -> samples, evaluation",
         "",
         f"workdir `{workdir}`, {seconds:.1f} s in all",
         "",
@@ -129,7 +165,20 @@ def run_summary_markdown(reports: list[StageReport], seconds: float, workdir: st
         lines += ["", f"Export: `{outputs['export'].get('dir')}` ({outputs['export'].get('kind')})"]
     if "samples" in outputs:
         lines += [f"Sample grid: `{outputs['samples'].get('grid')}`"]
+    if "evaluation" in outputs:
+        lines += ["", evaluation_line(outputs["evaluation"], markdown=True)]
     return "\n".join(lines)
+
+
+def evaluation_line(summary: dict, markdown: bool = False) -> str:
+    """'Evaluation: overall 0.420 (color 0.500, ...); report PATH', and each metric's value or why it was skipped."""
+    code = "`" if markdown else ""
+    scores = ", ".join(f"{c['category']} {c['accuracy']:.3f}" for c in summary["categories"])
+    metrics = "".join(f"; {name} {describe_metric(m)}" for name, m in summary["metrics"].items())
+    return (
+        f"Evaluation: overall {summary['overall']:.3f} ({scores}){metrics}; "
+        f"report {code}{summary['files']['markdown']}{code}"
+    )
 
 
 def publish_run_summary(reports: list[StageReport], seconds: float, workdir: str) -> str:

@@ -5,7 +5,7 @@
       components                                T5, VAE (or the pixel codec), LLaVA: hub ids, or tiny local ones
       ingest, caption, extract                  the data stages (shard-parallel on Ray)
       stage1, stage2, stage3                    the paper's training stages (tasks.ray_train.StageRunConfig)
-      export, sample                            the diffusers export and the held-out sample grid
+      export, sample, evaluate                  the diffusers export, the held-out sample grid, the evaluation
 
 Presets live in `configs/`; a preset names the preset it derives from with `base:` and overrides fields of it,
 so nothing is copied (top-level `x-...` keys only hold YAML anchors shared by the stages and are dropped).
@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.captioner import DEFAULT_LLAVA, DEFAULT_PROMPT, GenerationParams
+from models.diffusion.samplers import Sampler
+from models.metrics import MetricsConfig
 from models.stages import StageModelConfig
 from models.text_encoder import DEFAULT_T5
 from models.training.config import TrainConfig
@@ -37,11 +39,11 @@ from storage.images import ImageRules
 from storage.sources.folder import FolderConfig
 from storage.sources.img2dataset import Img2DatasetConfig
 from storage.sources.sa1b import SA1BConfig
-from storage.sources.shapes import ShapesConfig
+from storage.sources.shapes import CATEGORIES, ShapesConfig, parse_caption
 from tasks.ray_train import StageRunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-STEPS = ("ingest", "caption", "extract", "stage1", "stage2", "stage3", "export", "sample")
+STEPS = ("ingest", "caption", "extract", "stage1", "stage2", "stage3", "export", "sample", "evaluate")
 
 
 class Strict(BaseModel):
@@ -184,7 +186,7 @@ class ExtractConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------------------------
-#                                     Export and samples
+#                                     Export, samples and evaluation
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -209,6 +211,56 @@ class SampleConfig(Strict):
         return {"prompts": prompts, "steps": self.steps, "cfg_scale": self.cfg_scale, "seed": self.seed}
 
 
+class EvaluateConfig(Strict):
+    """The compositional evaluation (models.evaluate): held-out shapes prompts, judged exactly, per category."""
+
+    enabled: bool = Field(
+        True,
+        description="Evaluate the exported model. It needs prompts in the shapes grammar: the shapes source's "
+        "held-out ones, or `prompts`; a pipeline on another source without `prompts` skips it (and logs why).",
+    )
+    prompts: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="{category: prompts} to evaluate instead of the shapes source's held-out prompts: categories "
+        f"of {list(CATEGORIES)}, prompts dense captions of the shapes grammar ('a large red circle above a "
+        "small blue square on a gray background').",
+    )
+    per_category: int = Field(10, ge=1, description="Held-out prompts per category (when `prompts` is empty).")
+    images_per_prompt: int = Field(4, ge=1, description="Images sampled per prompt (each from its own noise).")
+    sampler: Sampler = Field("dpm-solver", description="DPM-Solver++ 2M (the paper's), DDIM or IDDPM ancestral.")
+    steps: int = Field(20, ge=1, description="Sampler steps (the paper: 20 DPM-Solver++ steps).")
+    cfg_scale: float = Field(4.5, ge=1, description="Classifier-free guidance scale (the paper: 4.5).")
+    seed: int = Field(0, description="Seed of the initial noise (batch b draws from (seed, b)).")
+    batch_size: int = Field(16, ge=1, description="Images per sampler call; with the seed, it fixes the noise.")
+    metrics: MetricsConfig | None = Field(
+        None,
+        description="FID and CLIP score besides the judge (their weights by local path or hub id); None: judge only. "
+        "Missing weights skip a metric with the reason in the report, never fail the run. A skipped metric is "
+        "part of a complete evaluation: change a metrics field (e.g. fid_weights) to compute it once weights exist.",
+    )
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_are_judgeable(cls, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+        for category, texts in prompts.items():
+            if category not in CATEGORIES:
+                raise ValueError(f"unknown category {category!r}; expected one of {list(CATEGORIES)}")
+            for text in texts:
+                parse_caption(text)  # raises naming the prompt outside the grammar
+        return prompts
+
+    def identity(self, prompts: list[tuple[str, str]]) -> dict:
+        """What the evaluation's output depends on: the (category, prompt) pairs and how images are drawn."""
+        return {
+            "prompts": [list(p) for p in prompts],
+            **self.model_dump(
+                mode="json",
+                include={"images_per_prompt", "sampler", "steps", "cfg_scale", "seed", "batch_size", "metrics"},
+            ),
+        }
+
+
 # ---------------------------------------------------------------------------------------------------
 #                                     The pipeline
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +274,7 @@ def _stage(n: int, input_size: int, steps: int, batch: int) -> StageRunConfig:
 
 
 class PipelineConfig(Strict):
-    """ingest -> caption -> extract -> stage 1 -> 2 -> 3 -> export -> sample, one sub-config per step."""
+    """ingest -> caption -> extract -> stage 1 -> 2 -> 3 -> export -> sample, evaluate: one sub-config per step."""
 
     base: str | None = Field(
         None,
@@ -230,7 +282,7 @@ class PipelineConfig(Strict):
         "given here override it.",
     )
     workdir: str = Field("workdir", description="Artifact store root: a local directory or an fsspec URL.")
-    until: Literal[STEPS] = Field("sample", description="Last step to run (earlier ones run or are reused).")
+    until: Literal[STEPS] = Field("evaluate", description="Last step to run (earlier ones run or are reused).")
     ray: RayConfig = Field(default_factory=RayConfig)
     components: ComponentsConfig = Field(default_factory=ComponentsConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -241,6 +293,7 @@ class PipelineConfig(Strict):
     stage3: StageRunConfig = Field(default_factory=lambda: _stage(3, 32, 1000, 256))
     export: ExportConfig = Field(default_factory=ExportConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="before")
     @classmethod

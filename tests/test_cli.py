@@ -34,6 +34,8 @@ def test_help_explains_every_command():
     assert code == 0 and "convert" in out and "export" in out and "demo" in out
     code, out = invoke("convert", "--help")
     assert code == 0 and "official-to-diffusers" in out and "dit-to-pixart" in out
+    code, out = invoke("run", "evaluate", "--help")
+    assert code == 0 and "evaluate" in out and "--model" in out and "stage3-" in " ".join(out.split())
 
 
 def test_official_to_diffusers_and_back(tmp_path):

@@ -1,4 +1,5 @@
-"""Compositional evaluation: a perfect model scores ~1, a random PixArt runs end to end, the report is complete."""
+"""Compositional evaluation: a perfect model scores ~1, a random PixArt runs end to end, the report is complete,
+and the pipeline's evaluation task judges a checkpoint into an artifact (missing metric weights skipped, not fatal)."""
 
 import json
 
@@ -16,9 +17,14 @@ from models.evaluate import (
 )
 from models.metrics import MetricsConfig
 from models.pixart import PixArt
+from models.pixart_checkpoint import save_pixart
 from models.pixel_codec import PixelCodec
 from models.text_encoder import T5TextEncoder
+from storage.artifacts import ArtifactStore
 from storage.sources.shapes import CATEGORIES, ShapesConfig, heldout_prompts
+from tasks.components import Components
+from tasks.config import EvaluateConfig, ShapesSourceConfig
+from tasks.evaluate import evaluate_model, evaluation_prompts
 
 PROMPTS = heldout_prompts(ShapesConfig(), per_category=6)
 
@@ -110,3 +116,44 @@ def test_a_random_pixart_is_evaluated_end_to_end(tiny, tmp_path):
     other = generate_images(model, encoder, codec, texts, images_per_prompt=2, steps=4, batch_size=4, seed=1)
     assert first.shape == (6, 3, 32, 32) and first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_the_evaluation_task_judges_a_stage_checkpoint_into_an_artifact(tiny, tmp_path):
+    # A stage's ema.pth holds neither T5 nor codec: the pipeline's components supply them.
+    checkpoint = str(save_pixart(tiny_pixart(), tmp_path / "stage2" / "ema.pth"))
+    components = Components(t5=str(tiny.t5_dir), vae=str(tiny.vae_dir), llava="", codec={"kind": "pixel", "factor": 4})
+    metrics = MetricsConfig(fid_weights=str(tmp_path / "no-inception.pth"), clip_model=str(tmp_path / "no-clip"))
+    config = EvaluateConfig(per_category=1, images_per_prompt=2, steps=2, metrics=metrics)
+    prompts = evaluation_prompts(config, ShapesSourceConfig())
+    assert [c for c, _ in prompts] == list(CATEGORIES)
+    artifact = ArtifactStore(str(tmp_path / "work")).artifact("evaluation", config.identity(prompts))
+
+    summary = evaluate_model.fn(checkpoint, prompts, config, components, str(tmp_path / "work"), artifact.id)
+
+    assert artifact.complete and artifact.manifest["summary"] == json.loads(json.dumps(summary))
+    assert summary["model"] == checkpoint and (summary["num_images"], summary["images_per_prompt"]) == (10, 2)
+    assert [c["category"] for c in summary["categories"]] == list(CATEGORIES)
+    for c in summary["categories"]:
+        assert c["num_images"] == 2 and 0.0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 1.0
+    assert summary["overall"] == pytest.approx(sum(c["accuracy"] for c in summary["categories"]) / 5)
+    # Metrics without weights: skipped with the reason, in the summary and the report; the run still finishes
+    assert {k: m["available"] for k, m in summary["metrics"].items()} == {"fid": False, "clip_score": False}
+    assert "no-inception.pth" in summary["metrics"]["fid"]["reason"]
+    markdown = (tmp_path / "work" / artifact.id / "report.md").read_text()
+    assert "**fid**: unavailable" in markdown and "steps: 2" in markdown
+    for name in ("report.md", "report.json", *(f"grid_{c}.png" for c in CATEGORIES)):
+        assert (tmp_path / "work" / artifact.id / name).is_file(), name
+    assert summary["files"]["markdown"] == str(tmp_path / "work" / artifact.id / "report.md")
+
+
+def test_evaluation_prompts_are_the_given_ones_or_the_shapes_held_out_ones():
+    given = EvaluateConfig(prompts={"spatial": ["a large red circle above a small blue square on a gray background"]})
+    assert evaluation_prompts(given, ShapesSourceConfig()) == [
+        ("spatial", "a large red circle above a small blue square on a gray background")
+    ]
+    held_out = evaluation_prompts(EvaluateConfig(per_category=3), ShapesSourceConfig())
+    assert [(c, p) for c, p, _ in heldout_prompts(ShapesSourceConfig(), per_category=3)] == held_out
+    with pytest.raises(ValueError, match="caption 'a red thing' is not in the shapes grammar"):
+        EvaluateConfig(prompts={"color": ["a red thing"]})
+    with pytest.raises(ValueError, match="unknown category 'colour'"):
+        EvaluateConfig(prompts={"colour": []})

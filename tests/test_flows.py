@@ -1,9 +1,11 @@
 """The Prefect flows on Ray: artifacts reused on re-run, crashed stages resumed shard by shard, config changes
-rerunning only what they change, concurrent runs, published Prefect artifacts, export / samples, and the CLI.
+rerunning only what they change, concurrent runs, published Prefect artifacts, export / samples / evaluation, and
+the CLI.
 
 One Prefect test server and one local Ray instance serve every test (each costs seconds to start).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -24,11 +26,12 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.pipeline import caption, extract_features, ingest, pipeline, planned_ids
+from flows.pipeline import caption, evaluate, extract_features, ingest, pipeline, planned_ids
 from models.pixart import build_pixart
 from models.pixart_checkpoint import save_pixart
 from storage.artifacts import ArtifactStore
 from storage.ingest import shard_complete
+from storage.sources.shapes import CATEGORIES
 from tasks.components import resolve_components
 from tasks.config import ComponentsConfig, SampleConfig, load_config
 from tasks.execution import ShardsFailed
@@ -48,6 +51,8 @@ SMALL = [
     "until=extract",
 ]
 SHARDS = [f"{i:06d}.tar" for i in range(5)]
+# One held-out prompt per category, two images each, two sampler steps: an evaluation in seconds.
+EVALUATION = ["evaluate.per_category=1", "evaluate.images_per_prompt=2", "evaluate.steps=2"]
 
 
 def small_config(workdir, *overrides):
@@ -286,6 +291,65 @@ def test_generate_writes_a_png_and_names_what_is_missing(exported, tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
+def test_the_evaluate_flow_judges_an_export_per_category_and_reuses_its_artifact(flows_env, exported, tmp_path):
+    workdir, _, export = exported
+    export_id = Path(export["dir"]).parent.name
+    config = small_config(workdir, *EVALUATION)
+
+    report = evaluate(config, export_id)
+    assert report.step == "evaluation" and not report.reused
+    assert ArtifactStore(str(workdir)).get(report.artifact).upstream == [export_id]
+    summary = report.summary
+    assert summary["model"] == export["dir"] and summary["num_images"] == 2 * len(CATEGORIES)
+    assert [c["category"] for c in summary["categories"]] == list(CATEGORIES)  # in order, also when reused
+    for c in summary["categories"]:
+        assert c["num_images"] == 2 and 0.0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 1.0
+    assert summary["metrics"] == {}  # no metrics configured
+    for name in ("markdown", "json", *(f"grid_{c}" for c in CATEGORIES)):
+        assert Path(summary["files"][name]).is_file(), name
+
+    # The Prefect table: a row per category and the overall mean; where the report is, above it
+    published = PrefectArtifact.get("evaluation")
+    rows = json.loads(published.data)
+    assert [row["category"] for row in rows] == [*CATEGORIES, "overall (mean of categories)"]
+    assert rows[0]["95% CI"].startswith("[") and summary["files"]["markdown"] in published.description
+
+    # Again from the command line: the artifact is reused, the scores printed
+    result = CliRunner().invoke(
+        app,
+        ["run", "evaluate", "-c", str(config_file(tmp_path / "c.yaml", *EVALUATION)), "--workdir", str(workdir)]
+        + ["--model", export_id],
+    )
+    assert result.exit_code == 0, result.output
+    assert report.artifact in result.output and "reused" in result.output
+    assert f"Evaluation: overall {summary['overall']:.3f} (color" in " ".join(result.output.split())
+
+
+def test_the_evaluate_flow_on_a_checkpoint_logs_the_metrics_it_cannot_compute(flows_env, exported, caplog):
+    # ema.pth holds neither T5 nor codec: the config's components (the demo's tiny T5, pixel codec x2) supply them
+    workdir, _, _ = exported
+    missing = f"evaluate.metrics={{fid_weights: {workdir / 'no-inception.pth'}, clip_model: {workdir / 'no-clip'}}}"
+    report = evaluate(small_config(workdir, *EVALUATION, missing), str(workdir / "ema.pth"))
+
+    assert not report.reused and ArtifactStore(str(workdir)).get(report.artifact).upstream == []
+    assert {k: m["available"] for k, m in report.summary["metrics"].items()} == {"fid": False, "clip_score": False}
+    assert "**fid**: unavailable" in Path(report.summary["files"]["markdown"]).read_text()
+    skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and any("evaluation: fid skipped" in m and "no-inception.pth" in m for m in skipped)
+
+
+def test_the_plan_ends_with_the_evaluation_whose_id_follows_its_config_not_its_resources(tmp_path):
+    ids = planned_ids(small_config(tmp_path))
+    assert list(ids)[-1] == "evaluation" and ids["evaluation"].startswith("evaluation-")
+    resources = ["evaluate.resources.num_cpus=2", "evaluate.resources.num_gpus=1"]
+    assert planned_ids(small_config(tmp_path, *resources)) == ids
+    for change in ("evaluate.steps=10", "evaluate.per_category=3", "evaluate.seed=1", "evaluate.metrics={fid: true}"):
+        other = planned_ids(small_config(tmp_path, change))
+        assert other.pop("evaluation") != ids["evaluation"], change
+        assert other == {k: v for k, v in ids.items() if k != "evaluation"}, change
+    assert "evaluation" not in planned_ids(small_config(tmp_path, "evaluate.enabled=false"))
+
+
 # ---------------------------------------------------------------------------------------------------
 #                                     Command line
 # ---------------------------------------------------------------------------------------------------
@@ -345,8 +409,10 @@ def test_cli_errors_say_what_to_fix(tmp_path):
     assert code == 1 and "expected KEY=VALUE" in out
     code, out = run("ingest", "-c", "no_such_preset")
     assert code == 1 and "config 'no_such_preset' not found" in out and "pixart_256" in out
-    code, out = run("evaluate", "-c", "demo")
-    assert code == 1 and "unknown flow 'evaluate'" in out
+    code, out = run("bake", "-c", "demo")
+    assert code == 1 and "unknown flow 'bake'" in out and "'evaluate'" in out
+    code, out = run("ingest", "-c", "demo", "--model", "export-0123456789abcdef")
+    assert code == 1 and "flow 'ingest' takes none" in out
     code, out = run("ingest", "-c", "pixart_256", "--set", "caption.enabled=false")
     assert code == 1 and "caption.enabled is false" in out
 
@@ -398,19 +464,26 @@ def test_deployment_parameters_derive_from_a_preset():
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_trains_exports_samples_then_reuses_everything(flows_env, tmp_path):
+def test_the_whole_pipeline_trains_exports_samples_evaluates_then_reuses_everything(flows_env, tmp_path):
     steps = [f"stage{n}.train.steps=4" for n in (1, 2, 3)] + [f"stage{n}.train.checkpoint_every=2" for n in (1, 2, 3)]
-    config = small_config(tmp_path, "until=sample", "caption.use=sidecar", "stage3.model.input_size=32", *steps)
+    config = small_config(
+        tmp_path, "until=evaluate", "caption.use=sidecar", "stage3.model.input_size=32", *steps, *EVALUATION
+    )
     summary = pipeline(config)
     reports = {s["step"]: s for s in summary["steps"]}
     assert list(reports) == [
-        "ingest", "caption", "features-32px", "features-64px", "stage1", "stage2", "stage3", "export", "samples"
+        "ingest", "caption", "features-32px", "features-64px", "stage1", "stage2", "stage3", "export", "samples",
+        "evaluation",
     ]  # fmt: skip
     assert all(not r["reused"] for r in reports.values())
     assert reports["stage3"]["summary"]["training"]["steps"] == 4
     export = reports["export"]["summary"]
     assert export["kind"] == "transformer" and export["max_abs_diff_vs_model"] < 1e-5
     assert Image.open(reports["samples"]["summary"]["grid"]).size[0] > 64
+    evaluation = reports["evaluation"]["summary"]
+    assert evaluation["model"] == export["dir"]
+    assert [c["category"] for c in evaluation["categories"]] == list(CATEGORIES)
+    assert Path(evaluation["files"]["markdown"]).is_file() and "Evaluation: overall" in summary["markdown"]
     assert Path(summary["path"]).is_file() and "stage3" in summary["markdown"]
     assert planned_ids(config) == {step: r["artifact"] for step, r in reports.items()}
 
