@@ -15,8 +15,8 @@ a flat background and box-filters, so each step inverts a step of `storage.sourc
    bands: parts a few rows apart are grouped into objects by how well the groups fit outlines.
 4. Shape and size together: the region is compared (soft IoU) with each (shape, size) outline drawn as the
    source draws it, placed by the region's centroid; the best fit wins. In a noisy image, a region whose best
-   fit is poor (OBJECT_FIT) is clutter, not an object: noise must not be read as a shape that happens to match. Sizes are fractions of the short side,
-   so "small" and "large" are absolute, as in the captions.
+   fit is poor (OBJECT_FIT) is clutter, not an object: noise must not be read as a shape that happens to
+   match. Sizes are fractions of the short side, so "small" and "large" are absolute, as in the captions.
 5. Texture: on pixels surely inside the object, the position between the plain colour and its ink is the ink
    coverage. Little ink is plain; ink that varies across rows but not along them is striped (the stripes are
    horizontal); otherwise dotted.
