@@ -228,24 +228,17 @@ def run(
     ] = None,
 ):
     """Run one flow (and whatever it needs upstream) on a config; complete artifacts are reused."""
-    from flows.runtime import FLOWS, prefect_api, run_flow
+    from flows.runtime import FLOWS, run_flow
 
-    flows = [*FLOWS, "evaluate"]  # run_flow dispatches the others; evaluate takes --model besides the config
-    if flow not in flows:
-        raise ValueError(f"unknown flow {flow!r}; expected one of {flows}")
+    if flow not in FLOWS:
+        raise ValueError(f"unknown flow {flow!r}; expected one of {list(FLOWS)}")
     if model is not None and flow != "evaluate":
         raise ValueError(f"--model names the model `pixart run evaluate` judges; flow {flow!r} takes none")
-    cfg = build_config(config, set_, workdir)
+    result = run_flow(flow, build_config(config, set_, workdir), stage=stage, model=model)
     if flow == "evaluate":
-        from flows.pipeline import evaluate
-
-        with prefect_api():
-            report = evaluate(cfg, model)
-        print_reports([report])
-        print_evaluation(report.summary)
-        return
-    result = run_flow(flow, cfg, stage=stage)
-    if flow == "pipeline":
+        print_reports([result])
+        print_evaluation(result.summary)
+    elif flow == "pipeline":
         print_pipeline(result)
     else:
         print_reports(result.values() if isinstance(result, dict) else [result])

@@ -123,7 +123,7 @@ def planned_ids(config: PipelineConfig) -> dict[str, str]:
     previous = None
     for n in (1, 2, 3):
         upstream = [ids[f"features-{stage_resolution(config, n)}px"]] + ([previous] if previous else [])
-        ids[f"stage{n}"] = previous = artifact_id(f"stage{n}", config.stage(n).model_dump(mode="json"), upstream)
+        ids[f"stage{n}"] = previous = artifact_id(f"stage{n}", config.stage(n).identity(), upstream)
     ids["export"] = artifact_id("export", config.export_identity(), [previous])
     prompts = [p["prompt"] for p in sample_prompts(config)]
     ids["samples"] = artifact_id("samples", config.sample.identity(prompts), [ids["export"]])
@@ -284,7 +284,7 @@ def train(
         store, start = ArtifactStore(config.workdir), time.perf_counter()
         complete_upstream(store, features, "features")
         upstream = [features] + ([previous] if previous else [])
-        artifact = store.artifact(f"stage{stage}", run_config.model_dump(mode="json"), upstream=upstream)
+        artifact = store.artifact(f"stage{stage}", run_config.identity(), upstream=upstream)
         with artifact_lock(artifact):
             reused = artifact.complete
             if not reused:

@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, 
 
 from tasks.config import PipelineConfig
 
-FLOWS = ("ingest", "caption", "extract", "train", "pipeline")
+FLOWS = ("ingest", "caption", "extract", "train", "evaluate", "pipeline")
 
 
 @contextlib.contextmanager
@@ -55,9 +55,10 @@ def drain_reporting() -> None:
     run_coro_as_sync(drain())
 
 
-def run_flow(name: str, config: PipelineConfig, stage: int = 1):
+def run_flow(name: str, config: PipelineConfig, stage: int = 1, model: str | None = None):
     """Run flow `name` (one of FLOWS) on `config`; returns its result (a StageReport, a dict of them, or the
-    pipeline's summary)."""
+    pipeline's summary). stage: the train flow's stage; model: what the evaluate flow judges (None: the
+    config's export)."""
     from flows import pipeline as flows
 
     if name not in FLOWS:
@@ -71,4 +72,6 @@ def run_flow(name: str, config: PipelineConfig, stage: int = 1):
             return flows.extract_features(config)
         if name == "train":
             return flows.train(config, stage)
+        if name == "evaluate":
+            return flows.evaluate(config, model)
         return flows.pipeline(config)

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -67,6 +67,16 @@ class StageRunConfig(BaseModel):
     sample_prompts: list[str] = Field(default_factory=list, description="Prompts of the sample grids.")
     sample_steps: int = Field(20, ge=1, description="DPM-Solver steps for the sample grids.")
     use_ray: bool = Field(True, description="Run under Ray Train; False runs the loop in this process.")
+
+    # How a run executes, not what it computes: FSDP and DDP follow the same trajectory (tests/test_fsdp.py),
+    # and reservations or retries do not change the weights. use_gpu stays in: it selects mixed precision.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"parallel_strategy", "cpus_per_worker", "gpus_per_worker", "max_failures", "use_ray"}
+    )
+
+    def identity(self) -> dict:
+        """What the stage's artifact id hashes: the config minus how it executes."""
+        return self.model_dump(mode="json", exclude=set(self.EXECUTION_FIELDS))
 
 
 # ---------------------------------------------------------------------------------------------------

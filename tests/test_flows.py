@@ -518,3 +518,13 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(flows_env, tmp
     report = ingest(load_config(str(cfg), workdir=str(workdir)))
     assert sorted(report.ran + done) == [f"{i:06d}.tar" for i in range(12)]
     assert report.summary["written"] == 96 and ArtifactStore(str(workdir)).get(report.artifact).verify() == {}
+
+
+def test_how_a_stage_executes_does_not_change_its_artifact(tmp_path):
+    # FSDP vs DDP, reservations and retries leave the weights as they are (tests/test_fsdp.py): reuse the stage.
+    ids = planned_ids(small_config(tmp_path))
+    execution = ["stage2.parallel_strategy=fsdp", "stage2.cpus_per_worker=2", "stage2.max_failures=5"]
+    assert planned_ids(small_config(tmp_path, *execution)) == ids
+    changed = planned_ids(small_config(tmp_path, "stage2.train.steps=7"))
+    assert changed["stage1"] == ids["stage1"] and changed["stage2"] != ids["stage2"]
+    assert changed["export"] != ids["export"]

@@ -187,13 +187,19 @@ class Scene:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def place(scene: Scene, rng: random.Random | None = None) -> Scene:
+def place(scene: Scene, rng: random.Random | None = None, jitter: float = 1.0) -> Scene:
     """The scene with object centres laid out: random with `rng`, canonical (centred, even spacing) without.
 
+    jitter in [0, 1] scales how far from the canonical layout `rng` may move objects (1: anywhere they fit).
     Coordinates are computed on a unit square whose side is the canvas's short side; on a longer axis the
     same fractions only move objects further apart, so the layout holds at every aspect ratio.
     """
-    u = rng.random if rng is not None else (lambda: 0.5)
+    if rng is None:
+        u = lambda: 0.5  # noqa: E731
+    elif jitter == 1.0:
+        u = rng.random
+    else:
+        u = lambda: 0.5 + jitter * (rng.random() - 0.5)  # noqa: E731
     objs = scene.objects
     if len(objs) == 1:
         lo = MARGIN + SIZES[objs[0].size] / 2
@@ -510,6 +516,13 @@ class ShapesConfig(BaseModel):
         le=len(TEMPLATES),
         description="Number of caption templates drawn from per sample (1: only the canonical phrasing).",
     )
+    layout_jitter: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="How far objects stray from the canonical layout (one object centred, a pair evenly spaced "
+        "about the centre): 1 anywhere they fit, 0 never. Lower is an easier task for a tiny model (the CPU demo).",
+    )
     holdout: Holdout = Field(default_factory=Holdout, description="Combinations kept out of the train split.")
     split: Literal["train", "heldout"] = Field(
         "train", description="train: scenes with no held-out combination; heldout: scenes with at least one."
@@ -600,7 +613,7 @@ class ShapesSource:
         else:
             raise RuntimeError(f"no {cfg.split} scene in {MAX_DRAWS} draws for sample {i}; check the holdout config")
         # 3. Layout.
-        return place(scene, rng), (height, width), template
+        return place(scene, rng, cfg.layout_jitter), (height, width), template
 
     def sample(self, i: int) -> RawSample:
         scene, (height, width), template = self.scene(i)
