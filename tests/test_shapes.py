@@ -174,3 +174,17 @@ def test_bad_config_and_scenes_are_rejected_with_the_accepted_values():
         Scene((ObjectSpec("circle", "red", "small"), ObjectSpec("circle", "blue", "small")), "above")
     with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
         ObjectSpec("hexagon", "red", "small")
+
+
+def test_layout_jitter_scales_the_distance_from_the_canonical_layout():
+    def centres(jitter: float) -> list[tuple[float, ...]]:
+        source = ShapesSource(ShapesConfig(count=60, image_size=32, layout_jitter=jitter))
+        return [tuple(c for o in source.scene(i)[0].objects for c in (o.cx, o.cy)) for i in range(60)]
+
+    default = ShapesSource(ShapesConfig(count=60, image_size=32))
+    assert centres(1.0) == [tuple(c for o in default.scene(i)[0].objects for c in (o.cx, o.cy)) for i in range(60)]
+    fixed = centres(0.0)
+    source = ShapesSource(ShapesConfig(count=60, image_size=32, layout_jitter=0.0))
+    assert fixed == [tuple(c for o in place(source.scene(i)[0]).objects for c in (o.cx, o.cy)) for i in range(60)]
+    spread = {k: np.std([c[0] for c in centres(k) if len(c) == 2]) for k in (0.0, 0.5, 1.0)}
+    assert spread[0.0] == 0 and 0 < spread[0.5] < spread[1.0]
