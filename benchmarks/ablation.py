@@ -8,10 +8,14 @@
 
 Every arm trains in-process (models.training.Trainer) for the same budget (optimiser steps x batch) on the same
 data, seed and schedule, and is evaluated every --eval-every steps on held-out prompts (models.evaluate: the
-per-category accuracy with its 95% Wilson interval). The reference arm (from scratch, adaLN-single, dense
-captions) is shared by the three ablations and trained once. Each ablation ends with a verdict computed from
-the final scores; "overall" is the mean over categories, and its 95% band is a normal approximation over the
-per-category binomials (images of one prompt are not independent, so it is a little narrow).
+per-category accuracy with its 95% Wilson interval) and by its held-out denoising loss: the epsilon MSE on
+renders of held-out scenes (combinations never trained on, dense captions) at fixed, stratified timesteps and
+fixed noise, the same for every arm. At CPU budgets the samples may not yet be judged right in any category,
+while the held-out loss already separates the arms: it is the figure that resolves small budgets. The reference
+arm (from scratch, adaLN-single, dense captions) is shared by the three ablations and trained once. Each
+ablation ends with two verdicts computed from the final figures (alignment, held-out loss); "overall" is the
+mean over categories, and its 95% band is a normal approximation over the per-category binomials (images of one
+prompt are not independent, so it is a little narrow).
 
 Outputs in --out: ablation.md, ablation.json, ablation.png; each arm's last evaluation (report.md, grid per
 category) is in its directory under --out/store. The data (ingest + features) and every finished arm are cached
@@ -35,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from models.diffusion import create_diffusion
 from models.dit import DiT
 from models.evaluate import EvalReport, evaluate
 from models.pixart import PixArt, build_pixart
@@ -53,6 +58,8 @@ from storage.sources.shapes import NUM_CLASSES, ShapesConfig, ShapesSource, held
 
 PIXEL_FACTOR = 2  # pixel codec: 32 px images -> 16 x 16 x 12 latents, 64 tokens at patch 2
 SAMPLING_STEPS = 20  # DPM-Solver++ steps, as PixArt-alpha samples
+HELDOUT_COUNT = 256  # held-out scenes in the held-out loss
+HELDOUT_BATCH = 64
 Z95 = 1.959964
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,6 +168,8 @@ class EvalPoint:
     overall: float  # mean accuracy over categories
     overall_se: float  # its standard error (see `overall_se`)
     categories: dict[str, dict]  # category -> accuracy, ci_low, ci_high, correct, num_images
+    heldout_mse: float | None = None  # epsilon MSE on held-out scenes (see `heldout_mse`)
+    heldout_mse_se: float | None = None  # its standard error over the held-out samples
 
 
 @dataclass
@@ -189,10 +198,31 @@ def overall_se(report: EvalReport) -> float:
     return math.sqrt(variance) / max(len(report.categories), 1)
 
 
-def eval_point(report: EvalReport, step: int, loss: float | None) -> EvalPoint:
+def eval_point(report: EvalReport, step: int, loss: float | None, mse: tuple[float, float]) -> EvalPoint:
     keys = ("accuracy", "ci_low", "ci_high", "correct", "num_images")
     categories = {name: {k: getattr(c, k) for k in keys} for name, c in report.categories.items()}
-    return EvalPoint(step, loss, report.overall, overall_se(report), categories)
+    return EvalPoint(step, loss, report.overall, overall_se(report), categories, *mse)
+
+
+@torch.no_grad()
+def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, float]:
+    """(mean, standard error) of the epsilon MSE per held-out sample: timesteps stratified over [0, T) and noise
+    drawn from (seed, batch), so every arm and every step sees the same draws."""
+    diffusion = create_diffusion(learn_sigma=model.pred_sigma)
+    was_training = model.training
+    model.eval()  # no caption dropout
+    values = []
+    for b, batch in enumerate(batches):
+        x0 = batch["x"].float()  # (N, C, H, W)
+        n = x0.shape[0]
+        g = torch.Generator().manual_seed(seed * 10_000 + b)
+        t = ((torch.arange(n) + torch.rand(n, generator=g)) * diffusion.num_timesteps / n).long()  # (N,)
+        noise = torch.randn(x0.shape, generator=g)
+        losses = diffusion.training_losses(model, x0, t, {"y": batch["y"], "mask": batch["mask"]}, noise)
+        values.append(losses["mse"])
+    model.train(was_training)
+    v = torch.cat(values)
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,11 +236,28 @@ def shapes_config(config: AblationConfig, caption_style: str = "dense") -> Shape
     )
 
 
+def heldout_shapes(config: AblationConfig) -> ShapesConfig:
+    """Scenes with at least one held-out combination, dense captions, another seed than the training set."""
+    return shapes_config(config).model_copy(update={"split": "heldout", "count": HELDOUT_COUNT, "seed": 1})
+
+
+def heldout_batches(features: Artifact, seed: int) -> list[dict]:
+    """The held-out features as fixed batches (one epoch, in order)."""
+    loader = LoaderConfig(num_workers=0, shuffle_buffer=1, batch_size=HELDOUT_BATCH, seed=seed, epochs=1)
+    return list(build_loader(features, loader))
+
+
 def prepare_features(
-    config: AblationConfig, caption_style: str, store: ArtifactStore, t5: T5TextEncoder, codec: PixelCodec
+    config: AblationConfig,
+    caption_style: str,
+    store: ArtifactStore,
+    t5: T5TextEncoder,
+    codec: PixelCodec,
+    shapes: ShapesConfig | None = None,
 ) -> Artifact:
-    """Shapes images and their features (pixel latents, tiny-T5 captions); reused when already complete."""
-    shapes = shapes_config(config, caption_style)
+    """Shapes images (default: the training set) and their features (pixel latents, tiny-T5 captions); reused
+    when already complete."""
+    shapes = shapes or shapes_config(config, caption_style)
     images = store.artifact("ingest", {"shapes": shapes.model_dump()})
     if not images.complete:
         ingest(ShapesSource(shapes), images, samples_per_shard=256, progress=False)
@@ -233,7 +280,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def run_arm(
-    arm: Arm, config: AblationConfig, features: Artifact, t5: T5TextEncoder, codec: PixelCodec, out: Path
+    arm: Arm,
+    config: AblationConfig,
+    features: Artifact,
+    heldout: list[dict],
+    t5: T5TextEncoder,
+    codec: PixelCodec,
+    out: Path,
 ) -> ArmResult:
     """Train one arm for the budget, evaluating at config.eval_steps() (and right after stage 1)."""
     latent, channels = config.image_size // PIXEL_FACTOR, 3 * PIXEL_FACTOR**2
@@ -258,11 +311,15 @@ def run_arm(
             cfg_scale=config.cfg_scale,
             out_dir=out / f"samples_step_{step}" if step == config.steps else None,
         )
+        mse = heldout_mse(model, heldout, config.seed)
         eval_seconds += time.perf_counter() - start
-        points.append(eval_point(report, step, loss))
+        points.append(eval_point(report, step, loss, mse))
         scores = " ".join(f"{k} {c.accuracy:.2f}" for k, c in report.categories.items())
         shown = "-" if loss is None else f"{loss:.4f}"
-        print(f"  [{arm.name}] step {step}/{config.steps}  loss {shown}  overall {report.overall:.3f}  ({scores})")
+        print(
+            f"  [{arm.name}] step {step}/{config.steps}  loss {shown}  held-out mse {mse[0]:.4f}  "
+            f"overall {report.overall:.3f}  ({scores})"
+        )
 
     # 1. Stage 1 (the from-stage-1 arm): a class-conditional DiT, re-parameterised into PixArt at t = 500
     stage1_steps = config.stage1_steps if arm.from_stage1 else 0
@@ -358,6 +415,29 @@ def verdict(ablation: Ablation, results: dict[str, ArmResult], budget: int) -> s
     return f"claim not resolved at this budget (difference within the noise): {pace}; {figures}"
 
 
+def loss_verdict(ablation: Ablation, results: dict[str, ArmResult], budget: int) -> str:
+    """One line from the final held-out losses (lower is better): the claimed arm ahead, level or behind."""
+    claimed, other = results[ablation.claimed], results[ablation.other]
+    a, b = claimed.points[-1], other.points[-1]
+    name_a, name_b = ablation.labels[ablation.claimed], ablation.labels[ablation.other]
+    gain, noise = b.heldout_mse - a.heldout_mse, Z95 * math.hypot(a.heldout_mse_se, b.heldout_mse_se)
+    figures = f"final {a.heldout_mse:.4f} vs {b.heldout_mse:.4f}, {name_a} lower by {gain:+.4f} ± {noise:.4f} (95%)"
+    reached = next((p.step for p in claimed.points if p.heldout_mse <= b.heldout_mse), None)
+    pace = (
+        f"{name_a} reaches {name_b}'s final loss at step {reached} ({reached / budget:.0%} of the budget)"
+        if reached is not None
+        else f"{name_a} never reaches {name_b}'s final loss"
+    )
+    if gain > noise:
+        holds = "claim holds here" if ablation.kind == "no worse" else "claim reproduced"
+        return f"{holds}: {name_a} lower beyond the noise; {pace}; {figures}"
+    if gain < -noise:
+        return f"claim contradicted here: {name_b} lower beyond the noise; {pace}; {figures}"
+    if ablation.kind == "no worse":
+        return f"consistent with the claim: level within the noise; {figures}"
+    return f"claim not resolved (within the noise); {pace}; {figures}"
+
+
 def xl_parameters() -> dict[str, int]:
     """Parameter counts at PixArt-XL/2 (built on the meta device: no memory), for the adaLN ablation."""
     counts = {}
@@ -385,7 +465,11 @@ def markdown(config: AblationConfig, selected: list[str], results: dict[str, Arm
         "## Verdicts",
         "",
     ]
-    lines += [f"- **{ABLATIONS[name].title}**: {summary[name]['verdict']}" for name in selected]
+    for name in selected:
+        lines += [
+            f"- **{ABLATIONS[name].title}**: alignment: {summary[name]['verdict']}",
+            f"  held-out loss: {summary[name]['loss_verdict']}",
+        ]
     if "adaln" in selected:
         xl = summary["adaln"]["xl_parameters"]
         lines.append(
@@ -412,49 +496,55 @@ def markdown(config: AblationConfig, selected: list[str], results: dict[str, Arm
         lines += [
             f"### {ablation.title}",
             "",
-            "| arm | step | loss | overall | " + " | ".join(categories) + " |",
-            "|---" * (4 + len(categories)) + "|",
+            "| arm | step | loss | held-out mse | overall | " + " | ".join(categories) + " |",
+            "|---" * (5 + len(categories)) + "|",
         ]
         for arm in (ablation.claimed, ablation.other):
             for p in results[arm].points:
                 loss = "" if p.loss is None else f"{p.loss:.4f}"
                 cells = [_cell(p.categories[c]) if c in p.categories else "" for c in categories]
+                mse = "" if p.heldout_mse is None else f"{p.heldout_mse:.4f} ± {Z95 * p.heldout_mse_se:.4f}"
                 lines.append(
-                    f"| {ablation.labels[arm]} | {p.step} | {loss} | {p.overall:.3f} ± {Z95 * p.overall_se:.3f} | "
-                    + " | ".join(cells)
-                    + " |"
+                    f"| {ablation.labels[arm]} | {p.step} | {loss} | {mse} | "
+                    f"{p.overall:.3f} ± {Z95 * p.overall_se:.3f} | " + " | ".join(cells) + " |"
                 )
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(config: AblationConfig, selected: list[str], results: dict[str, ArmResult], path: Path) -> None:
-    """Overall alignment vs optimiser steps, one panel per ablation, 95% bands."""
+    """Per ablation (columns): overall alignment (top) and held-out loss (bottom) vs optimiser steps, 95% bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(selected), figsize=(5 * len(selected), 4), squeeze=False)
-    for ax, name in zip(axes[0], selected, strict=True):
+    fig, axes = plt.subplots(2, len(selected), figsize=(5 * len(selected), 7.5), squeeze=False)
+    for column, name in enumerate(selected):
         ablation = ABLATIONS[name]
+        top, bottom = axes[0][column], axes[1][column]
         for arm in (ablation.claimed, ablation.other):
-            steps = [p.step for p in results[arm].points]
-            overall = [p.overall for p in results[arm].points]
-            band = [Z95 * p.overall_se for p in results[arm].points]
+            points = results[arm].points
+            steps = [p.step for p in points]
             color = "C0" if arm == "reference" else "C1"  # the reference arm in one colour in every panel
-            ax.plot(steps, overall, marker="o", color=color, label=ablation.labels[arm])
-            low = [max(0.0, o - b) for o, b in zip(overall, band, strict=True)]
-            high = [min(1.0, o + b) for o, b in zip(overall, band, strict=True)]
-            ax.fill_between(steps, low, high, color=color, alpha=0.15)
-        if name == "stage1":
-            ax.axvline(config.stage1_steps, color="gray", linestyle=":", label="stage 1 -> 2")
-        ax.set_title(ablation.title)
-        ax.set_xlabel(f"optimiser steps (batch {config.batch})")
-        ax.set_ylabel("held-out alignment (mean over categories)")
-        ax.set_xlim(0, config.steps)
-        ax.set_ylim(0, 1)
-        ax.legend()
+            for ax, value, se, clip in (
+                (top, [p.overall for p in points], [p.overall_se for p in points], (0.0, 1.0)),
+                (bottom, [p.heldout_mse for p in points], [p.heldout_mse_se for p in points], (0.0, math.inf)),
+            ):
+                ax.plot(steps, value, marker="o", color=color, label=ablation.labels[arm])
+                low = [max(clip[0], v - Z95 * e) for v, e in zip(value, se, strict=True)]
+                high = [min(clip[1], v + Z95 * e) for v, e in zip(value, se, strict=True)]
+                ax.fill_between(steps, low, high, color=color, alpha=0.15)
+        for ax in (top, bottom):
+            if name == "stage1":
+                ax.axvline(config.stage1_steps, color="gray", linestyle=":", label="stage 1 -> 2")
+            ax.set_xlabel(f"optimiser steps (batch {config.batch})")
+            ax.set_xlim(0, config.steps)
+            ax.legend()
+        top.set_title(ablation.title)
+        top.set_ylabel("held-out alignment (mean over categories)")
+        top.set_ylim(0, 1)
+        bottom.set_ylabel("held-out epsilon MSE (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -489,6 +579,7 @@ def run(config: AblationConfig, selected: list[str], out: Path, tiny_dir: Path |
     arms = [arm for arm in ARMS.values() if arm.name in wanted]  # the reference arm once
     start = time.perf_counter()
     features = {style: prepare_features(config, style, store, t5, codec) for style in {a.caption_style for a in arms}}
+    heldout = heldout_batches(prepare_features(config, "dense", store, t5, codec, heldout_shapes(config)), config.seed)
     print(f"data: {', '.join(f'{s} {f.id}' for s, f in features.items())} ({time.perf_counter() - start:.1f} s)")
 
     # 3. Arms: each trained once, or read back from its artifact
@@ -503,7 +594,7 @@ def run(config: AblationConfig, selected: list[str], out: Path, tiny_dir: Path |
             print(f"[{arm.name}] reused {artifact.id}")
             continue
         print(f"[{arm.name}] {arm.description}")
-        result = run_arm(arm, config, features[arm.caption_style], t5, codec, Path(artifact.url))
+        result = run_arm(arm, config, features[arm.caption_style], heldout, t5, codec, Path(artifact.url))
         artifact.finish(summary=asdict(result), shards=[])
         results[arm.name] = result
 
@@ -511,7 +602,11 @@ def run(config: AblationConfig, selected: list[str], out: Path, tiny_dir: Path |
     summary: dict[str, dict] = {}
     for name in selected:
         ablation = ABLATIONS[name]
-        summary[name] = {**asdict(ablation), "verdict": verdict(ablation, results, config.steps)}
+        summary[name] = {
+            **asdict(ablation),
+            "verdict": verdict(ablation, results, config.steps),
+            "loss_verdict": loss_verdict(ablation, results, config.steps),
+        }
         if name == "adaln":
             summary[name]["xl_parameters"] = xl_parameters()
     report = {"settings": settings, "ablations": summary, "arms": {k: asdict(v) for k, v in results.items()}}

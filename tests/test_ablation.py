@@ -36,6 +36,7 @@ def test_ablation_writes_table_json_and_plot_and_reuses_its_arms(tiny, tmp_path,
     assert all(set(p["categories"]) == {"color", "shape", "spatial", "complex"}
                for r in saved["arms"].values() for p in r["points"])  # fmt: skip
     arms = saved["arms"]
+    assert all(p["heldout_mse"] > 0 and p["heldout_mse_se"] > 0 for r in arms.values() for p in r["points"])
     assert arms["from_stage1"]["stage1_steps"] == 1 and arms["from_stage1"]["stage1_parameters"] > 0
     assert arms["per_block_adaln"]["parameters"] > arms["reference"]["parameters"]
     assert saved["ablations"]["adaln"]["xl_parameters"] == {"single": 611_347_616, "block": 828_985_760}
@@ -47,7 +48,7 @@ def test_ablation_writes_table_json_and_plot_and_reuses_its_arms(tiny, tmp_path,
         "adaln": {"adaLN-single": 1, "per-block adaLN": 1},
         "captions": {"dense captions": 1, "sparse captions": 1},
     }.items():
-        assert saved["ablations"][name]["verdict"] in table
+        assert saved["ablations"][name]["verdict"] in table and saved["ablations"][name]["loss_verdict"] in table
         for label, rows in expected.items():
             assert sum(line.startswith(f"| {label} | ") for line in table.splitlines()) == rows, label
 
@@ -61,16 +62,17 @@ def test_ablation_writes_table_json_and_plot_and_reuses_its_arms(tiny, tmp_path,
     assert json.loads((out / "ablation.json").read_text()) == saved
 
 
-def point(ablation, step: int, overall: float):
-    """An evaluation point with 20 images in each of 5 categories at accuracy `overall`."""
+def point(ablation, step: int, overall: float, mse: float = 0.1):
+    """An evaluation point with 20 images in each of 5 categories at accuracy `overall`, held-out MSE `mse`."""
     correct = round(overall * 20)
     category = {"accuracy": overall, "ci_low": 0.0, "ci_high": 1.0, "correct": correct, "num_images": 20}
     se = ((correct + 1) / 22 * (1 - (correct + 1) / 22) / 20 * 5) ** 0.5 / 5
-    return ablation.EvalPoint(step, 0.1, overall, se, {c: category for c in "abcde"})
+    return ablation.EvalPoint(step, 0.1, overall, se, {c: category for c in "abcde"}, mse, 0.002)
 
 
-def arm(ablation, name: str, scores: list[float], parameters: int = 100):
-    points = [point(ablation, 100 * (i + 1), s) for i, s in enumerate(scores)]
+def arm(ablation, name: str, scores: list[float], parameters: int = 100, mses: list[float] | None = None):
+    mses = mses or [0.1] * len(scores)
+    points = [point(ablation, 100 * (i + 1), s, m) for i, (s, m) in enumerate(zip(scores, mses, strict=True))]
     return ablation.ArmResult(name, name, parameters, None, 0, 1.0, 1.0, points)
 
 
@@ -94,3 +96,20 @@ def test_verdicts_follow_the_numbers():
     same = {"reference": arm(ablation, "reference", [0.5], 74), "per_block_adaln": arm(ablation, "b", [0.5], 100)}
     text = ablation.verdict(adaln, same, budget=100)
     assert text.startswith("consistent with the claim") and "74 vs 100 parameters (26.0% fewer)" in text
+
+
+def test_loss_verdicts_follow_the_held_out_loss():
+    ablation = load_script()
+    stage1 = ablation.ABLATIONS["stage1"]
+    arms = {
+        "from_stage1": arm(ablation, "from_stage1", [0.0, 0.0, 0.0], mses=[0.08, 0.05, 0.04]),
+        "reference": arm(ablation, "reference", [0.0, 0.0, 0.0], mses=[0.09, 0.07, 0.05]),
+    }
+    text = ablation.loss_verdict(stage1, arms, budget=300)
+    assert text.startswith("claim reproduced") and "reaches from scratch's final loss at step 200 (67%" in text
+    arms["reference"] = arm(ablation, "reference", [0.0], mses=[0.041])
+    arms["from_stage1"] = arm(ablation, "from_stage1", [0.0], mses=[0.04])
+    assert ablation.loss_verdict(stage1, arms, budget=100).startswith("claim not resolved")
+    adaln = ablation.ABLATIONS["adaln"]
+    worse = {"reference": arm(ablation, "reference", [0.0], mses=[0.12]), "per_block_adaln": arm(ablation, "b", [0.0])}
+    assert ablation.loss_verdict(adaln, worse, budget=100).startswith("claim contradicted here: per-block adaLN")
