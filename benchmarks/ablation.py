@@ -170,6 +170,7 @@ class EvalPoint:
     categories: dict[str, dict]  # category -> accuracy, ci_low, ci_high, correct, num_images
     heldout_mse: float | None = None  # epsilon MSE on held-out scenes (see `heldout_mse`)
     heldout_mse_se: float | None = None  # its standard error over the held-out samples
+    heldout_values: list[float] | None = None  # per held-out sample: same draws in every arm, so paired
 
 
 @dataclass
@@ -198,16 +199,16 @@ def overall_se(report: EvalReport) -> float:
     return math.sqrt(variance) / max(len(report.categories), 1)
 
 
-def eval_point(report: EvalReport, step: int, loss: float | None, mse: tuple[float, float]) -> EvalPoint:
+def eval_point(report: EvalReport, step: int, loss: float | None, mse: tuple[float, float, list]) -> EvalPoint:
     keys = ("accuracy", "ci_low", "ci_high", "correct", "num_images")
     categories = {name: {k: getattr(c, k) for k in keys} for name, c in report.categories.items()}
     return EvalPoint(step, loss, report.overall, overall_se(report), categories, *mse)
 
 
 @torch.no_grad()
-def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, float]:
-    """(mean, standard error) of the epsilon MSE per held-out sample: timesteps stratified over [0, T) and noise
-    drawn from (seed, batch), so every arm and every step sees the same draws."""
+def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, float, list[float]]:
+    """(mean, standard error, per-sample values) of the epsilon MSE per held-out sample: timesteps stratified over
+    [0, T) and noise drawn from (seed, batch), so every arm and every step sees the same draws."""
     diffusion = create_diffusion(learn_sigma=model.pred_sigma)
     was_training = model.training
     model.eval()  # no caption dropout
@@ -222,7 +223,7 @@ def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, f
         values.append(losses["mse"])
     model.train(was_training)
     v = torch.cat(values)
-    return v.mean().item(), (v.std() / math.sqrt(len(v))).item()
+    return v.mean().item(), (v.std() / math.sqrt(len(v))).item(), [round(x, 6) for x in v.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,6 +422,9 @@ def loss_verdict(ablation: Ablation, results: dict[str, ArmResult], budget: int)
     a, b = claimed.points[-1], other.points[-1]
     name_a, name_b = ablation.labels[ablation.claimed], ablation.labels[ablation.other]
     gain, noise = b.heldout_mse - a.heldout_mse, Z95 * math.hypot(a.heldout_mse_se, b.heldout_mse_se)
+    if a.heldout_values and b.heldout_values:  # the same (sample, t, noise) in both arms: the paired error
+        diffs = torch.tensor(b.heldout_values) - torch.tensor(a.heldout_values)
+        noise = Z95 * (diffs.std() / math.sqrt(len(diffs))).item()
     figures = f"final {a.heldout_mse:.4f} vs {b.heldout_mse:.4f}, {name_a} lower by {gain:+.4f} ± {noise:.4f} (95%)"
     reached = next((p.step for p in claimed.points if p.heldout_mse <= b.heldout_mse), None)
     pace = (

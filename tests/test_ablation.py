@@ -113,3 +113,21 @@ def test_loss_verdicts_follow_the_held_out_loss():
     adaln = ablation.ABLATIONS["adaln"]
     worse = {"reference": arm(ablation, "reference", [0.0], mses=[0.12]), "per_block_adaln": arm(ablation, "b", [0.0])}
     assert ablation.loss_verdict(adaln, worse, budget=100).startswith("claim contradicted here: per-block adaLN")
+
+
+def test_loss_verdict_pairs_the_arms_on_the_same_draws():
+    # Per-sample losses vary a lot with t; the same samples, timesteps and noise in both arms make the
+    # difference far more certain than the two means' unpaired errors suggest.
+    ablation = load_script()
+    base = [0.01 * (1 + i % 50) for i in range(200)]  # spread by timestep
+    arms = {
+        "from_stage1": arm(ablation, "from_stage1", [0.0], mses=[sum(base) / 200 - 0.001]),
+        "reference": arm(ablation, "reference", [0.0], mses=[sum(base) / 200]),
+    }
+    arms["from_stage1"].points[-1].heldout_mse_se = arms["reference"].points[-1].heldout_mse_se = 0.01
+    unpaired = ablation.loss_verdict(ablation.ABLATIONS["stage1"], arms, budget=100)
+    assert unpaired.startswith("claim not resolved")
+    arms["reference"].points[-1].heldout_values = base
+    arms["from_stage1"].points[-1].heldout_values = [v - 0.001 + 0.0001 * (i % 3 - 1) for i, v in enumerate(base)]
+    paired = ablation.loss_verdict(ablation.ABLATIONS["stage1"], arms, budget=100)
+    assert paired.startswith("claim reproduced"), paired
