@@ -1,5 +1,6 @@
 """Three-stage training: the stage chain, Ray Train DDP vs one process, exact resume after a kill."""
 
+import io
 import json
 import os
 import signal
@@ -182,3 +183,27 @@ def test_non_finite_steps_are_skipped_then_stop_the_stage():
     trainer.train_step(bad)
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         trainer.train_step(bad)
+
+
+def test_came_trains_and_resumes_exactly():
+    # CAME (PixArt-Sigma's optimiser, the published came-pytorch): it fits a batch, and its factored second
+    # moments travel in the checkpoint so a restored trainer takes the very same next steps.
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        model = PixArt(input_size=8, depth=1, hidden_size=48, num_heads=3, caption_channels=32, model_max_length=16)
+        optimizer = OptimizerConfig(name="came", lr=1e-3, warmup_steps=0, grad_clip=1.0, lr_scaling="none")
+        return Trainer(model, TrainConfig(steps=20, global_batch_size=4, optimizer=optimizer))
+
+    batch = {"x": torch.randn(4, 4, 8, 8), "y": torch.randn(4, 16, 32), "mask": torch.ones(4, 16)}
+    first = trainer()
+    assert type(first.optimizer).__name__ == "CAME"
+    losses = [first.train_step(batch).mse for _ in range(12)]
+    assert sum(losses[-3:]) < sum(losses[:3])  # it fits the batch
+    state = first.state_dict()
+    assert any("exp_avg_sq_row" in s for s in state["optimizer"]["state"].values())  # CAME's factored state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # through a checkpoint file's bytes, as a restart reads it
+    buffer.seek(0)
+    resumed = trainer()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [first.train_step(batch).loss for _ in range(3)] == [resumed.train_step(batch).loss for _ in range(3)]
