@@ -70,6 +70,11 @@ class RayConfig(Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="Local instance only: CPUs it offers (default: all).")
     object_store_mb: int = Field(200, ge=50, description="Local instance only: object store size in MB.")
+    dashboard: bool = Field(
+        True,
+        description="Local instance only: start Ray's dashboard. It also serves the State API that Ray Train uses "
+        "to release a finished run's placement group; without it those linger and Ray logs a warning every second.",
+    )
 
     def resolved_address(self) -> str | None:
         return self.address or os.environ.get("RAY_ADDRESS") or None
@@ -81,7 +86,7 @@ class RayConfig(Strict):
             return {"address": "auto"}
         if address:
             return {}
-        kwargs = {"include_dashboard": False, "object_store_memory": self.object_store_mb * 2**20}
+        kwargs = {"include_dashboard": self.dashboard, "object_store_memory": self.object_store_mb * 2**20}
         return kwargs | ({"num_cpus": self.num_cpus} if self.num_cpus else {})
 
 

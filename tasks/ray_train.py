@@ -489,7 +489,8 @@ def _fit_with_ray(cfg: dict, config: StageRunConfig, out_dir: Path, ray_address:
         if ray_address:
             ray.init(address=ray_address)
         else:
-            ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+            # The dashboard serves the State API Ray Train's placement-group cleaner polls
+            ray.init(include_dashboard=True, object_store_memory=200 * 2**20, log_to_driver=False)
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = config.gpus_per_worker or 1.0

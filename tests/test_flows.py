@@ -528,3 +528,11 @@ def test_how_a_stage_executes_does_not_change_its_artifact(tmp_path):
     changed = planned_ids(small_config(tmp_path, "stage2.train.steps=7"))
     assert changed["stage1"] == ids["stage1"] and changed["stage2"] != ids["stage2"]
     assert changed["export"] != ids["export"]
+
+
+def test_a_local_ray_instance_starts_its_dashboard_for_ray_trains_state_queries(tmp_path):
+    # Ray Train's placement-group cleaner polls the State API, which the dashboard serves: without it every
+    # stage logs a warning a second and its placement group outlives the run.
+    assert small_config(tmp_path).ray.init_kwargs()["include_dashboard"] is True
+    assert small_config(tmp_path, "ray.dashboard=false").ray.init_kwargs()["include_dashboard"] is False
+    assert small_config(tmp_path, "ray.address=auto").ray.init_kwargs() == {"address": "auto"}
