@@ -42,6 +42,7 @@ import torch
 from models.diffusion import create_diffusion
 from models.dit import DiT
 from models.evaluate import EvalReport, evaluate
+from models.judge import CATEGORY_ATTRIBUTES
 from models.pixart import PixArt, build_pixart
 from models.pixel_codec import PixelCodec
 from models.stages import StageModelConfig, build_stage2
@@ -456,7 +457,8 @@ def _cell(category: dict) -> str:
 
 
 def markdown(config: AblationConfig, selected: list[str], results: dict[str, ArmResult], summary: dict) -> str:
-    categories = list(next(iter(results.values())).points[-1].categories)
+    present = next(iter(results.values())).points[-1].categories
+    categories = [c for c in CATEGORY_ATTRIBUTES if c in present]  # the judge's order, also for reused arms
     lines = [
         "# Ablations of the PixArt-α recipe at CPU scale",
         "",
