@@ -326,16 +326,16 @@ def run_arm(
     # 1. Stage 1 (the from-stage-1 arm): a class-conditional DiT, re-parameterised into PixArt at t = 500
     stage1_steps = config.stage1_steps if arm.from_stage1 else 0
     stage1_parameters = None
+    size = dict(  # DiT and PixArt alike
+        input_size=latent,
+        patch_size=2,
+        in_channels=channels,
+        hidden_size=config.hidden,
+        depth=config.depth,
+        num_heads=config.heads,
+    )
     if arm.from_stage1:
-        dit = DiT(
-            input_size=latent,
-            patch_size=2,
-            in_channels=channels,
-            hidden_size=config.hidden,
-            depth=config.depth,
-            num_heads=config.heads,
-            num_classes=NUM_CLASSES,
-        )
+        dit = DiT(**size, num_classes=NUM_CLASSES)
         stage1_parameters = count_parameters(dit)
         stage1 = Trainer(dit, train_config(config, stage1_steps))
         summary = stage1.fit(iter(build_loader(features, loader)), until_step=stage1_steps)
@@ -344,17 +344,7 @@ def run_arm(
         model, reparam = build_stage2(stage2_config, stage1=stage1.ema)
         print(f"  [{arm.name}] stage 1: {stage1_steps} steps; {reparam.summary()}")
     else:
-        model = PixArt(
-            input_size=latent,
-            patch_size=2,
-            in_channels=channels,
-            hidden_size=config.hidden,
-            depth=config.depth,
-            num_heads=config.heads,
-            caption_channels=t5.d_model,
-            lewei_scale=1.0,
-            adaln=arm.adaln,
-        )
+        model = PixArt(**size, caption_channels=t5.d_model, lewei_scale=1.0, adaln=arm.adaln)
 
     # 2. Stage 2: train to each evaluation step of the budget
     trainer = Trainer(model, train_config(config, config.steps - stage1_steps))
