@@ -8,10 +8,11 @@
 
 Every arm trains in-process (models.training.Trainer) for the same budget (optimiser steps x batch) on the same
 data, seed and schedule, and is evaluated every --eval-every steps on held-out prompts (models.evaluate: the
-per-category accuracy with its 95% Wilson interval) and by its held-out denoising loss: the epsilon MSE on
-renders of held-out scenes (combinations never trained on, dense captions) at fixed, stratified timesteps and
-fixed noise, the same for every arm. At CPU budgets the samples may not yet be judged right in any category,
-while the held-out loss already separates the arms: it is the figure that resolves small budgets. The reference
+per-category accuracy with its 95% Wilson interval) and by its held-out denoising loss: the MSE of the network's
+prediction (epsilon or v) on renders of held-out scenes (combinations never trained on, dense captions) at fixed,
+stratified timesteps and fixed noise, the same for every arm. At CPU budgets the samples may not yet be judged
+right in any category, while the held-out loss already separates the arms: it is the figure that resolves small
+budgets. The reference
 arm (from scratch, adaLN-single, dense captions) is shared by the three ablations and trained once. Each
 ablation ends with two verdicts computed from the final figures (alignment, held-out loss); "overall" is the
 mean over categories, and its 95% band is a normal approximation over the per-category binomials (images of one
@@ -88,6 +89,10 @@ class AblationConfig:
     count: int = 512  # shapes images in the training set
     image_size: int = 32  # their side in pixels
     textures: bool = True  # striped / dotted objects, and the texture category
+    layout_jitter: float = 1.0  # 1: objects anywhere they fit; 0: the canonical layout the prompt implies
+    prediction_type: str = "epsilon"  # what the networks predict: epsilon (the paper) or v_prediction
+    timestep_sampling: str = "uniform"  # how training draws t: uniform (the paper) or logit_normal
+    grad_clip: float = 0.01  # max gradient norm (the paper's 0.01)
     seed: int = 0  # weights, noise, timesteps, data order and sampling noise (the data set itself is fixed)
 
     @property
@@ -169,7 +174,7 @@ class EvalPoint:
     overall: float  # mean accuracy over categories
     overall_se: float  # its standard error (see `overall_se`)
     categories: dict[str, dict]  # category -> accuracy, ci_low, ci_high, correct, num_images
-    heldout_mse: float | None = None  # epsilon MSE on held-out scenes (see `heldout_mse`)
+    heldout_mse: float | None = None  # prediction MSE on held-out scenes (see `heldout_mse`)
     heldout_mse_se: float | None = None  # its standard error over the held-out samples
     heldout_values: list[float] | None = None  # per held-out sample: same draws in every arm, so paired
 
@@ -208,9 +213,9 @@ def eval_point(report: EvalReport, step: int, loss: float | None, mse: tuple[flo
 
 @torch.no_grad()
 def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, float, list[float]]:
-    """(mean, standard error, per-sample values) of the epsilon MSE per held-out sample: timesteps stratified over
+    """(mean, standard error, per-sample values) of the prediction MSE per held-out sample: timesteps stratified over
     [0, T) and noise drawn from (seed, batch), so every arm and every step sees the same draws."""
-    diffusion = create_diffusion(learn_sigma=model.pred_sigma)
+    diffusion = create_diffusion(learn_sigma=model.pred_sigma, prediction_type=model.prediction_type)
     was_training = model.training
     model.eval()  # no caption dropout
     values = []
@@ -234,7 +239,11 @@ def heldout_mse(model: PixArt, batches: list[dict], seed: int) -> tuple[float, f
 
 def shapes_config(config: AblationConfig, caption_style: str = "dense") -> ShapesConfig:
     return ShapesConfig(
-        count=config.count, image_size=config.image_size, textures=config.textures, caption_style=caption_style
+        count=config.count,
+        image_size=config.image_size,
+        textures=config.textures,
+        layout_jitter=config.layout_jitter,
+        caption_style=caption_style,
     )
 
 
@@ -271,9 +280,14 @@ def prepare_features(
 
 
 def train_config(config: AblationConfig, steps: int) -> TrainConfig:
-    optimizer = OptimizerConfig(lr=config.lr, warmup_steps=config.warmup, lr_scaling="none")
+    optimizer = OptimizerConfig(lr=config.lr, warmup_steps=config.warmup, lr_scaling="none", grad_clip=config.grad_clip)
     return TrainConfig(
-        steps=steps, global_batch_size=config.batch, seed=config.seed, ema_decay=config.ema_decay, optimizer=optimizer
+        steps=steps,
+        global_batch_size=config.batch,
+        seed=config.seed,
+        ema_decay=config.ema_decay,
+        optimizer=optimizer,
+        timestep_sampling=config.timestep_sampling,
     )
 
 
@@ -333,6 +347,7 @@ def run_arm(
         hidden_size=config.hidden,
         depth=config.depth,
         num_heads=config.heads,
+        prediction_type=config.prediction_type,
     )
     if arm.from_stage1:
         dit = DiT(**size, num_classes=NUM_CLASSES)
@@ -340,7 +355,13 @@ def run_arm(
         stage1 = Trainer(dit, train_config(config, stage1_steps))
         summary = stage1.fit(iter(build_loader(features, loader)), until_step=stage1_steps)
         train_seconds += summary.wall_seconds
-        stage2_config = StageModelConfig(stage=2, input_size=latent, in_channels=channels, caption_channels=t5.d_model)
+        stage2_config = StageModelConfig(
+            stage=2,
+            input_size=latent,
+            in_channels=channels,
+            caption_channels=t5.d_model,
+            prediction_type=config.prediction_type,
+        )
         model, reparam = build_stage2(stage2_config, stage1=stage1.ema)
         print(f"  [{arm.name}] stage 1: {stage1_steps} steps; {reparam.summary()}")
     else:
@@ -639,6 +660,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance scale of the samples")
     parser.add_argument("--count", type=int, default=d.count, help="shapes images in the training set")
     parser.add_argument("--no-textures", action="store_true", help="plain objects only (no texture category)")
+    parser.add_argument(
+        "--layout-jitter", type=float, default=d.layout_jitter, help="0: canonical layouts; 1: anywhere they fit"
+    )
+    parser.add_argument(
+        "--prediction-type", choices=["epsilon", "v_prediction"], default=d.prediction_type, help="network target"
+    )
+    parser.add_argument(
+        "--timestep-sampling", choices=["uniform", "logit_normal"], default=d.timestep_sampling, help="training t"
+    )
+    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds weights, noise, data order and sampling")
     parser.add_argument("--out", type=Path, default=Path("ablation_out"), help="outputs and the data / arm cache")
     parser.add_argument("--tiny-dir", type=Path, default=None, help="tiny T5 build to reuse (default: OUT/tiny)")
@@ -665,6 +696,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg_scale=args.cfg_scale,
         count=args.count,
         textures=not args.no_textures,
+        layout_jitter=args.layout_jitter,
+        prediction_type=args.prediction_type,
+        timestep_sampling=args.timestep_sampling,
+        grad_clip=args.grad_clip,
         seed=args.seed,
     )
     return run(config, args.ablations, args.out, args.tiny_dir)

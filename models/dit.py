@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_state_dict_strict, read_state_dict
+from models.diffusion.parameterization import PredictionType, check_prediction_type
 from models.layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        prediction_type: PredictionType = "epsilon",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -113,6 +115,7 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 for the 2D sin-cos embedding")
         self.input_size = input_size
         self.learn_sigma = learn_sigma
+        self.prediction_type = check_prediction_type(prediction_type)  # epsilon or v: for the loss and samplers
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -211,13 +214,15 @@ class DiT(nn.Module):
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 
 # Called with the remaining arguments, as in the official code: DiT_models["DiT-XL/2"](input_size=32).
-# "DiT-T/2" is ours: a tiny model for CI and debugging (hidden 48 = 3 heads x 16, divisible by 3 and 4).
+# "DiT-T/2" and "DiT-M/2" are ours: a tiny model for CI and debugging (hidden 48 = 3 heads x 16, divisible by 3
+# and 4), and a mini one (0.7M parameters) that learns the shapes source within the CPU demo's minutes.
 DiT_models: dict[str, partial[DiT]] = {
     f"DiT-{size}/{p}": partial(DiT, depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads)
     for size, (depth, hidden, heads) in SIZES.items()
     for p in (2, 4, 8)
 }
 DiT_models["DiT-T/2"] = partial(DiT, depth=2, hidden_size=48, patch_size=2, num_heads=3)
+DiT_models["DiT-M/2"] = partial(DiT, depth=4, hidden_size=96, patch_size=2, num_heads=3)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,6 +39,11 @@ PIXART_SCHEDULER_CONFIG = dict(
 )
 
 
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """The released PixArt-alpha scheduler, for a model predicting `prediction_type` (epsilon or v_prediction)."""
+    return {**PIXART_SCHEDULER_CONFIG, "prediction_type": prediction_type}
+
+
 def export_pipeline(
     model: PixArt,
     out_dir: str | os.PathLike,
@@ -76,7 +81,7 @@ def export_pipeline(
         text_encoder=encoder.model,
         vae=autoencoder,
         transformer=pixart_to_diffusers(model.float()),
-        scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG),
+        scheduler=DPMSolverMultistepScheduler(**scheduler_config(model.prediction_type)),
     )
 
     # 3. Save atomically

@@ -83,6 +83,7 @@ def generate_latents(
         steps=steps,
         cfg_scale=cfg_scale,
         learn_sigma=model.pred_sigma,
+        prediction_type=model.prediction_type,
         progress=progress,
         clip_x0=clip_x0,
     )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.diffusion.parameterization import PredictionType, check_prediction_type
 from models.dit import FinalLayer
 from models.layers import (
     Attention,
@@ -178,6 +179,7 @@ class PixArt(nn.Module):
         model_max_length: int = 120,
         lewei_scale: float = 1.0,
         adaln: AdaLN = "single",
+        prediction_type: PredictionType = "epsilon",
         **unused,
     ):
         super().__init__()
@@ -192,6 +194,8 @@ class PixArt(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.pred_sigma = pred_sigma
+        # What the first out channels mean (epsilon or v): no weight depends on it, samplers and the loss do.
+        self.prediction_type = check_prediction_type(prediction_type)
         self.caption_channels = caption_channels
         self.model_max_length = model_max_length
         self.lewei_scale = lewei_scale
@@ -415,13 +419,15 @@ class PixArtMS(PixArt):
 #                                              Presets
 # ---------------------------------------------------------------------------------------------------
 
-# Sizes of the DiT family at patch 2 (DiT paper, Table 1), plus a tiny debug size for tests and the CPU demo.
+# Sizes of the DiT family at patch 2 (DiT paper, Table 1), plus a tiny debug size for tests (T) and a mini one
+# for the CPU demo (M).
 PIXART_PRESETS: dict[str, dict] = {
     "PixArt-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
     "PixArt-L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
     "PixArt-B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
     "PixArt-S/2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
     "PixArt-T/2": dict(depth=2, hidden_size=48, patch_size=2, num_heads=3, caption_channels=32),
+    "PixArt-M/2": dict(depth=4, hidden_size=96, patch_size=2, num_heads=3, caption_channels=32),
 }
 
 

@@ -8,6 +8,7 @@ from shapes), `.safetensors` files, and diffusers directories (a transformer or 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from models.pixart import PixArt, PixArtMS
 
 
 def model_config(model: PixArt) -> dict:
-    """Constructor kwargs that rebuild `model` (plus `multi_scale`); `adaln` only when not the default "single",
-    so configs of adaLN-single models read as before per-block adaLN existed."""
+    """Constructor kwargs that rebuild `model` (plus `multi_scale`); `adaln` and `prediction_type` only when not
+    the defaults ("single", "epsilon"), so configs of such models read as before those options existed."""
     block = model.blocks[0]
     config = dict(
         input_size=model.input_size,
@@ -39,7 +40,15 @@ def model_config(model: PixArt) -> dict:
     )
     if model.adaln != "single":
         config["adaln"] = model.adaln
+    if model.prediction_type != "epsilon":
+        config["prediction_type"] = model.prediction_type
     return config
+
+
+def scheduler_prediction_type(pipeline_dir: Path) -> str:
+    """What a diffusers directory's transformer predicts: its scheduler's prediction_type, "epsilon" without one."""
+    config = pipeline_dir / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("prediction_type", "epsilon") if config.is_file() else "epsilon"
 
 
 def build_from_config(config: dict) -> PixArt:
@@ -71,6 +80,7 @@ def load_pixart(src: str | os.PathLike, null_caption: torch.Tensor | None = None
         sub = "transformer" if (src / "transformer").is_dir() else None
         transformer = PixArtTransformer2DModel.from_pretrained(src, subfolder=sub)
         model, _ = diffusers_to_pixart(transformer, null_caption=null_caption)
+        model.prediction_type = scheduler_prediction_type(src if sub else src.parent)
         return model
     raw = read_checkpoint(src)
     if isinstance(raw, dict) and "model_config" in raw:  # ours: the architecture is stored

@@ -85,6 +85,7 @@ def dit_to_pixart(
         num_heads=dit.num_heads,
         mlp_ratio=dit.blocks[0].mlp.fc1.out_features / hidden,
         pred_sigma=dit.learn_sigma,
+        prediction_type=dit.prediction_type,
     )
     if preset is not None:
         wanted = PIXART_PRESETS[preset]

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from models.diffusion.parameterization import PredictionType
 from models.dit import DiT, DiT_models, dit_from_checkpoint
 from models.pixart import PIXART_PRESETS, PixArt, PixArtMS
 from models.pixart_checkpoint import load_pixart, model_config
@@ -38,6 +39,12 @@ class StageModelConfig(BaseModel):
     )
     init: str | None = Field(None, description="Checkpoint to start from (DiT for stage 1, PixArt for 2 and 3).")
     reparam_t: int = Field(500, description="Stage 2 from a DiT: timestep of the re-parameterisation.")
+    prediction_type: PredictionType = Field(
+        "epsilon",
+        description="What the network learns to predict: 'epsilon' (the paper) or 'v_prediction' (small pixel-space "
+        "models: an epsilon error is amplified up to ~160x in x_0 at high noise). Applies to the model the stage "
+        "trains, whatever it starts from.",
+    )
 
     def scale(self) -> float:
         return self.lewei_scale if self.lewei_scale is not None else self.input_size / 64
@@ -51,10 +58,16 @@ def _size(name: str) -> dict:
     return preset
 
 
+def _trained_as(model: DiT | PixArt, cfg: StageModelConfig) -> DiT | PixArt:
+    """The stage trains (and samples) `model` with the configured prediction type, whatever it started with."""
+    model.prediction_type = cfg.prediction_type
+    return model
+
+
 def build_stage1(cfg: StageModelConfig) -> DiT:
     """Class-conditional DiT of the preset's size, or the given official DiT checkpoint."""
     if cfg.init:
-        return dit_from_checkpoint(cfg.init).train()
+        return _trained_as(dit_from_checkpoint(cfg.init).train(), cfg)
     size = _size(cfg.model)
     preset = next(
         (
@@ -66,22 +79,24 @@ def build_stage1(cfg: StageModelConfig) -> DiT:
     )
     if preset is None:
         raise ValueError(f"no DiT preset matches {cfg.model}")
-    return DiT_models[preset](input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
+    model = DiT_models[preset](input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
+    return _trained_as(model, cfg)
 
 
 def build_stage2(cfg: StageModelConfig, stage1: DiT | None = None) -> tuple[PixArt, ReparamReport | None]:
     """PixArt re-parameterised from stage 1's DiT, or loaded from `cfg.init`, or fresh."""
     if stage1 is not None:
         pixart, report = dit_to_pixart(stage1, t=cfg.reparam_t, caption_channels=cfg.caption_channels)
-        return pixart, report
+        return _trained_as(pixart, cfg), report
     if cfg.init:
-        return load_pixart(cfg.init), None
+        return _trained_as(load_pixart(cfg.init), cfg), None
     size = _size(cfg.model)
     model = PixArt(
         input_size=cfg.input_size,
         in_channels=cfg.in_channels,
         caption_channels=cfg.caption_channels,
         lewei_scale=cfg.scale(),
+        prediction_type=cfg.prediction_type,
         **size,
     )
     return model, None
@@ -119,6 +134,7 @@ def build_stage3(cfg: StageModelConfig, stage2: PixArt | None = None) -> PixArtM
             in_channels=cfg.in_channels,
             caption_channels=cfg.caption_channels,
             lewei_scale=cfg.scale(),
+            prediction_type=cfg.prediction_type,
             **size,
         )
-    return to_multi_scale(source, cfg.input_size, cfg.lewei_scale)
+    return _trained_as(to_multi_scale(source, cfg.input_size, cfg.lewei_scale), cfg)

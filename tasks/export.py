@@ -2,9 +2,10 @@
 
     <export>/model/pixart.pth        our checkpoint (official key layout, learned null caption included)
     <export>/model/transformer/      diffusers PixArtTransformer2DModel (exact conversion)
+    <export>/model/scheduler/        diffusers DPM-Solver++ config; its prediction_type says what the model predicts
     <export>/model/text_encoder/     T5 encoder and tokenizer
     with the VAE (and a model diffusers' pipeline can condition: not a PixArtMS below 1024 px):
-    <export>/model/model_index.json, vae/, tokenizer/, scheduler/   a whole diffusers PixArtAlphaPipeline
+    <export>/model/model_index.json, vae/, tokenizer/   a whole diffusers PixArtAlphaPipeline
     with the pixel codec:
     <export>/model/codec.json        how latents decode (models.pixel_codec.build_latent_codec arguments)
 
@@ -58,8 +59,10 @@ def conversion_gap(model: PixArt, exported: PixArt, seed: int = 0) -> float:
 @task(name="export-model", cache_policy=NO_CACHE)
 def export_model(ema_checkpoint: str, components: Components, root: str, export_id: str) -> dict:
     """Write <export>/model from a stage's EMA checkpoint and finish the export artifact; returns its summary."""
+    from diffusers import DPMSolverMultistepScheduler
+
     from models.convert_pixart import pixart_to_diffusers
-    from models.export import export_pipeline
+    from models.export import export_pipeline, scheduler_config
     from models.pixart_checkpoint import load_pixart, save_pixart
 
     # 1. Load the model
@@ -77,6 +80,8 @@ def export_model(ema_checkpoint: str, components: Components, root: str, export_
         kind = "pipeline"
     else:
         pixart_to_diffusers(model).save_pretrained(tmp / "transformer")
+        # The transformer's config cannot say what it predicts; its scheduler (as in a pipeline) does.
+        DPMSolverMultistepScheduler(**scheduler_config(model.prediction_type)).save_pretrained(tmp / "scheduler")
         encoder = text_encoder(components.t5, "cpu")
         encoder.model.save_pretrained(tmp / "text_encoder")
         encoder.tokenizer.save_pretrained(tmp / "text_encoder")

@@ -93,7 +93,9 @@ def load_stage_checkpoint(path: str | os.PathLike) -> torch.nn.Module:
 def model_from_state(config: dict, state_dict: dict) -> torch.nn.Module:
     """The model `describe` described, with these weights (a plain module on the CPU)."""
     if config.get("kind") == "dit":
-        return dit_from_state_dict(state_dict, num_heads=config["num_heads"])
+        dit = dit_from_state_dict(state_dict, num_heads=config["num_heads"])
+        dit.prediction_type = config.get("prediction_type", "epsilon")
+        return dit
     model = build_from_config({k: v for k, v in config.items() if k != "kind"})
     model.load_state_dict(state_dict)
     return model
@@ -102,18 +104,20 @@ def model_from_state(config: dict, state_dict: dict) -> torch.nn.Module:
 def build_model(cfg: StageModelConfig, init_model: str | None) -> torch.nn.Module:
     previous = load_stage_checkpoint(init_model) if init_model else None
     if cfg.stage == 1:
-        return previous if isinstance(previous, DiT) else build_stage1(cfg)
-    if cfg.stage == 2:
-        if previous is not None and not isinstance(previous, DiT):
-            return previous  # continue a PixArt
+        model = previous if isinstance(previous, DiT) else build_stage1(cfg)
+    elif cfg.stage == 2 and previous is not None and not isinstance(previous, DiT):
+        model = previous  # continue a PixArt
+    elif cfg.stage == 2:
         model, _ = build_stage2(cfg, stage1=previous)
-        return model
-    return build_stage3(cfg, stage2=previous)
+    else:
+        model = build_stage3(cfg, stage2=previous)
+    model.prediction_type = cfg.prediction_type  # what this stage trains, whatever it starts from
+    return model
 
 
 def describe(model: torch.nn.Module) -> dict:
     if isinstance(model, DiT):
-        return {"kind": "dit", "num_heads": model.num_heads}
+        return {"kind": "dit", "num_heads": model.num_heads, "prediction_type": model.prediction_type}
     return {"kind": "pixart", **model_config(model)}
 
 
@@ -373,7 +377,8 @@ class GridSampler:
             noise = torch.randn((len(labels), model.in_channels, h, w), generator=generator)
             null = torch.full_like(labels, model.y_embedder.num_classes)
             latents = sample(model, noise, {"y": labels}, {"y": null}, steps=self.run.sample_steps, cfg_scale=4.0,
-                             learn_sigma=model.learn_sigma, clip_x0=getattr(codec, "clip_range", None))  # fmt: skip
+                             learn_sigma=model.learn_sigma, clip_x0=getattr(codec, "clip_range", None),
+                             prediction_type=model.prediction_type)  # fmt: skip
         elif self.run.sample_prompts and encoder is not None:
             f = codec.downsample_factor
             latents = generate_latents(

@@ -77,6 +77,20 @@ def test_q_sample_matches_diffusers_add_noise():
         torch.testing.assert_close(ours, theirs, atol=5e-6, rtol=0)
 
 
+def test_v_prediction_target_is_diffusers_velocity_and_inverts_exactly():
+    """v = alpha eps - sigma x_0 (diffusers' get_velocity); a perfect v model has zero loss and recovers x_0."""
+    x_start, eps, t = noise(1), noise(2), torch.tensor([0, 999])
+    diffusion = create_diffusion(learn_sigma=False, prediction_type="v_prediction")
+    v = DDPMScheduler(**SCHEDULE).get_velocity(x_start, eps, t)
+    perfect = lambda x, t_: v  # noqa: E731 - the velocity of exactly this (x_start, eps, t)
+    assert diffusion.training_losses(perfect, x_start, t, noise=eps)["mse"].abs().max() < 1e-9
+    x_t = diffusion.q_sample(x_start, t, eps)
+    out = diffusion.p_mean_variance_from_output(v, x_t, t)
+    torch.testing.assert_close(out["pred_xstart"], x_start, atol=5e-5, rtol=0)
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        create_diffusion(prediction_type="x0")
+
+
 def test_hybrid_loss_is_zero_kl_for_the_true_posterior():
     diffusion = create_diffusion()
     x_start = noise(1, (4, C, H, W)).double().clamp(-1, 1)
@@ -118,12 +132,14 @@ def test_vb_trains_only_the_variance():
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [20, 10, 25])
-def test_dpm_solver_matches_diffusers_trajectory(steps: int):
-    model = denoiser(learn_sigma=True)  # a learned-sigma model: the solvers use the eps half
+@pytest.mark.parametrize(
+    ("steps", "prediction_type"), [(20, "epsilon"), (10, "epsilon"), (25, "epsilon"), (20, "v_prediction")]
+)
+def test_dpm_solver_matches_diffusers_trajectory(steps: int, prediction_type: str):
+    model = denoiser(learn_sigma=True)  # a learned-sigma model: the solvers use the prediction half
     scheduler = DPMSolverMultistepScheduler(
         **SCHEDULE,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         algorithm_type="dpmsolver++",
         solver_order=2,
         solver_type="midpoint",
@@ -132,19 +148,22 @@ def test_dpm_solver_matches_diffusers_trajectory(steps: int):
     theirs = run_diffusers(scheduler, model, noise(), steps)
     assert dpm_solver_timesteps(steps).tolist() == scheduler.timesteps.tolist()
 
-    ours = list(dpm_solver(model, noise(), create_diffusion().alphas_cumprod, steps))
+    ours = list(dpm_solver(model, noise(), create_diffusion().alphas_cumprod, steps, prediction_type=prediction_type))
     assert len(ours) == len(theirs) == steps
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {i}")
 
 
-@pytest.mark.parametrize(("steps", "eta"), [(25, 0.0), (20, 0.0), (10, 1.0)])
-def test_ddim_matches_diffusers_trajectory(steps: int, eta: float):
+@pytest.mark.parametrize(
+    ("steps", "eta", "prediction_type"),
+    [(25, 0.0, "epsilon"), (20, 0.0, "epsilon"), (10, 1.0, "epsilon"), (20, 0.0, "v_prediction")],
+)
+def test_ddim_matches_diffusers_trajectory(steps: int, eta: float, prediction_type: str):
     model = denoiser()
     # Our defaults, spelled out: diffusers' own default clip_sample=True clamps x_0 to [-1, 1].
     scheduler = DDIMScheduler(
         **SCHEDULE,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         set_alpha_to_one=True,
         steps_offset=0,
@@ -154,19 +173,23 @@ def test_ddim_matches_diffusers_trajectory(steps: int, eta: float):
     assert ddim_timesteps(steps).tolist() == scheduler.timesteps.tolist()
 
     trajectory = ddim(
-        model, noise(), create_diffusion().alphas_cumprod, steps, eta, generator=torch.Generator().manual_seed(7)
-    )
+        model, noise(), create_diffusion().alphas_cumprod, steps, eta, generator=torch.Generator().manual_seed(7),
+        prediction_type=prediction_type,
+    )  # fmt: skip
     for i, (a, b) in enumerate(zip(trajectory, theirs, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {i}")
 
 
-def test_iddpm_ancestral_matches_diffusers_ddpm_learned_range():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_iddpm_ancestral_matches_diffusers_ddpm_learned_range(prediction_type: str):
     model = denoiser(learn_sigma=True)
-    diffusion = create_diffusion("10")
+    diffusion = create_diffusion("10", prediction_type=prediction_type)
     ours = list(diffusion.p_sample_loop_progressive(model, noise(), generator=torch.Generator().manual_seed(3)))
 
     # diffusers' DDPM over the same kept timesteps is the same respaced process.
-    scheduler = DDPMScheduler(**SCHEDULE, variance_type="learned_range", clip_sample=False)
+    scheduler = DDPMScheduler(
+        **SCHEDULE, variance_type="learned_range", clip_sample=False, prediction_type=prediction_type
+    )
     scheduler.set_timesteps(timesteps=space_timesteps(1000, "10")[::-1])
     x, generator = noise(), torch.Generator().manual_seed(3)
     for t, a in zip(scheduler.timesteps, ours, strict=True):
@@ -222,13 +245,17 @@ def test_guidance_channels_limit_which_eps_channels_are_guided():
         guide(torch.cat([cond, uncond]), C, 4.5, guidance_channels=5)
 
 
-def test_guided_sample_matches_the_diffusers_pixart_loop():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guided_sample_matches_the_diffusers_pixart_loop(prediction_type: str):
     """sample() with cfg 4.5 equals PixArtAlphaPipeline's loop: guide, drop the sigma half, step."""
     y_cond, y_null = noise(1, (N, 2 * C)), noise(2, (N, 2 * C))
     mask = torch.ones(N, 3)
-    ours = sample(captioned_model, noise(), {"y": y_cond, "mask": mask}, {"y": y_null}, steps=20, cfg_scale=4.5)
+    ours = sample(
+        captioned_model, noise(), {"y": y_cond, "mask": mask}, {"y": y_null}, steps=20, cfg_scale=4.5,
+        prediction_type=prediction_type,
+    )  # fmt: skip
 
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction_type)
     scheduler.set_timesteps(20)
     x = noise()
     for t in scheduler.timesteps:
@@ -285,3 +312,17 @@ def test_clip_x0_matches_diffusers_clip_sample():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {i}")
     final = sample(model, noise(), sampler="dpm-solver", steps=10, cfg_scale=1.0, learn_sigma=False, clip_x0=0.5)
     assert final.abs().max() <= 0.5 + 1e-6  # the last DPM-Solver step lands on the clamped x_0
+
+
+def test_logit_normal_timesteps_concentrate_on_middle_noise():
+    diffusion = create_diffusion()
+    g = torch.Generator().manual_seed(0)
+    t = diffusion.sample_timesteps(20000, generator=g, distribution="logit_normal")
+    assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= 999
+    middle = ((t >= 250) & (t < 750)).float().mean().item()
+    # P(|z| < logit(0.75)) for z ~ N(0, 1) is 0.7267; uniform draws would put half there.
+    assert abs(middle - 0.7267) < 0.02
+    uniform = diffusion.sample_timesteps(20000, generator=g)
+    assert abs(((uniform >= 250) & (uniform < 750)).float().mean().item() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="distribution='beta'"):
+        diffusion.sample_timesteps(2, distribution="beta")

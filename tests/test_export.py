@@ -7,6 +7,7 @@ from diffusers import PixArtAlphaPipeline
 from models.export import export_pipeline
 from models.generate import generate_latents
 from models.pixart import PixArt, PixArtMS
+from models.pixart_checkpoint import load_pixart
 from models.text_encoder import T5TextEncoder
 
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
@@ -37,15 +38,20 @@ def pipeline_latents(pipe, height, width, seed=0, steps=20):
     ).images
 
 
-@pytest.mark.parametrize("multi_scale", [False, True])
-def test_exported_pipeline_loads_and_matches_our_sampler(tiny, tmp_path, multi_scale):
+@pytest.mark.parametrize(
+    ("multi_scale", "prediction_type"), [(False, "epsilon"), (True, "epsilon"), (False, "v_prediction")]
+)
+def test_exported_pipeline_loads_and_matches_our_sampler(tiny, tmp_path, multi_scale, prediction_type):
     # diffusers' pipeline feeds micro-conditions only to sample_size 128 (1024 px) models
-    model = gentle_random(PixArtMS(input_size=128, **TINY) if multi_scale else PixArt(input_size=8, **TINY))
+    cls, size = (PixArtMS, 128) if multi_scale else (PixArt, 8)
+    model = gentle_random(cls(input_size=size, prediction_type=prediction_type, **TINY))
     out = export_pipeline(model, tmp_path / "pipe", text_encoder=tiny.t5_dir, vae=tiny.vae_dir)
     assert (out / "model_index.json").is_file() and not (tmp_path / "pipe.partial").exists()
+    assert load_pixart(out).prediction_type == prediction_type  # read back from the scheduler
 
     pipe = PixArtAlphaPipeline.from_pretrained(out)
     assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
+    assert pipe.scheduler.config.prediction_type == prediction_type
     hw = (8, 12) if multi_scale else (8, 8)  # latents; the tiny VAE downsamples by 8
     theirs = pipeline_latents(pipe, hw[0] * 8, hw[1] * 8)
     encoder = T5TextEncoder.from_pretrained(tiny.t5_dir)

@@ -455,7 +455,7 @@ def test_deployment_parameters_derive_from_a_preset():
 
     config = PipelineConfig.model_validate({"base": "demo", "until": "ingest", "ingest": {"source": {"count": 8}}})
     assert config.until == "ingest" and config.ingest.source.count == 8 and config.components.tiny
-    assert config.ingest.source.image_size == 64  # the rest comes from configs/demo.yaml
+    assert config.ingest.source.image_size == 32  # the rest comes from configs/demo.yaml
 
 
 # ---------------------------------------------------------------------------------------------------

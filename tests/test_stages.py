@@ -4,6 +4,7 @@ import torch
 
 from models.dit import DiT
 from models.pixart import PixArt, PixArtMS
+from models.pixart_checkpoint import load_pixart, save_pixart
 from models.stages import StageModelConfig, build_stage1, build_stage2, build_stage3, to_multi_scale
 
 CFG = StageModelConfig(stage=1, model="PixArt-T/2", input_size=8, caption_channels=32, num_classes=10)
@@ -25,6 +26,17 @@ def test_stage_chain_builds_each_model_from_the_previous():
     assert isinstance(pixart, PixArt) and report is not None and report.t == 500
     ms = build_stage3(CFG.model_copy(update={"stage": 3, "input_size": 16}), pixart)
     assert isinstance(ms, PixArtMS) and ms.input_size == 16 and ms.lewei_scale == 2 * pixart.lewei_scale
+
+
+def test_prediction_type_is_the_stages_and_survives_a_checkpoint(tmp_path):
+    v = {"prediction_type": "v_prediction"}
+    dit = build_stage1(CFG.model_copy(update=v))
+    pixart, _ = build_stage2(CFG.model_copy(update={"stage": 2, **v}), dit)
+    ms = build_stage3(CFG.model_copy(update={"stage": 3, "input_size": 16, **v}), pixart)
+    assert dit.prediction_type == pixart.prediction_type == ms.prediction_type == "v_prediction"
+    assert load_pixart(save_pixart(ms, tmp_path / "ms.pth")).prediction_type == "v_prediction"
+    # A stage trains what its config says, whatever its initial model predicted (re-targeting is a fine-tune).
+    assert build_stage3(CFG.model_copy(update={"stage": 3}), pixart).prediction_type == "epsilon"
 
 
 @torch.no_grad()

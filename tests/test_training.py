@@ -207,3 +207,22 @@ def test_came_trains_and_resumes_exactly():
     resumed = trainer()
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert [first.train_step(batch).loss for _ in range(3)] == [resumed.train_step(batch).loss for _ in range(3)]
+
+
+def test_v_prediction_with_logit_normal_timesteps_fits_a_batch():
+    # The CPU demo's recipe: the model's prediction type sets the loss target, the config how t is drawn.
+    torch.manual_seed(0)
+    model = PixArt(
+        input_size=8, depth=1, hidden_size=48, num_heads=3, caption_channels=32, model_max_length=16,
+        prediction_type="v_prediction",
+    )  # fmt: skip
+    optimizer = OptimizerConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0, lr_scaling="none")
+    trainer = Trainer(
+        model, TrainConfig(steps=20, global_batch_size=4, optimizer=optimizer, timestep_sampling="logit_normal")
+    )
+    assert trainer.diffusion.prediction_type == "v_prediction"
+    t, _, _ = trainer._draws({}, 2000, (4, 8, 8))
+    assert abs(((t >= 250) & (t < 750)).float().mean().item() - 0.7267) < 0.03  # not uniform (0.5)
+    batch = {"x": torch.randn(4, 4, 8, 8), "y": torch.randn(4, 16, 32), "mask": torch.ones(4, 16)}
+    losses = [trainer.train_step(batch).mse for _ in range(12)]
+    assert sum(losses[-3:]) < sum(losses[:3])

@@ -13,11 +13,14 @@ from models.diffusion.gaussian_diffusion import (
     split_output,
 )
 from models.diffusion.guidance import classifier_free_guidance, guide
+from models.diffusion.parameterization import PREDICTION_TYPES, PredictionType
 from models.diffusion.respace import respace, space_timesteps
 from models.diffusion.samplers import create_diffusion, sample
 
 __all__ = [
+    "PREDICTION_TYPES",
     "DenoiserFn",
+    "PredictionType",
     "GaussianDiffusion",
     "classifier_free_guidance",
     "create_diffusion",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from models.diffusion.gaussian_diffusion import DenoiserFn, split_output
+from models.diffusion.parameterization import PredictionType, x0_and_eps
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -34,10 +35,11 @@ def ddim(
     model_kwargs: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     clip_x0: float | None = None,
+    prediction_type: PredictionType = "epsilon",
 ) -> Iterator[torch.Tensor]:
     """DDIM from x_T = noise (N, C, H, W); yields x after each step (last: x_0). eta 0 is deterministic.
 
-    `alphas_cumprod` (T,) is the training schedule; only the epsilon half of a (N, 2C, H, W) output is used.
+    `alphas_cumprod` (T,) is the training schedule; only the prediction half of a (N, 2C, H, W) output is used.
     """
     num_train_timesteps = len(alphas_cumprod)
     stride = num_train_timesteps // steps
@@ -49,9 +51,8 @@ def ddim(
         a_t = a_all[t].item()
         a_prev = a_all[t - stride].item() if t - stride >= 0 else 1.0
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
-        eps = eps.to(dtype)
-        x0 = (x.to(dtype) - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5  # (N, C, H, W)
+        pred, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
+        x0, eps = x0_and_eps(prediction_type, pred.to(dtype), x.to(dtype), a_t**0.5, (1.0 - a_t) ** 0.5)  # (N, C, H, W)
         if clip_x0 is not None:  # as diffusers' clip_sample: clamp x_0, then re-derive eps from it
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = (x.to(dtype) - a_t**0.5 * x0) / (1.0 - a_t) ** 0.5

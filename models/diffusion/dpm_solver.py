@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.diffusion.gaussian_diffusion import DenoiserFn, split_output
+from models.diffusion.parameterization import PredictionType, x0_and_eps
 
 
 def dpm_solver_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -36,10 +37,11 @@ def dpm_solver(
     steps: int = 20,
     model_kwargs: dict[str, Any] | None = None,
     clip_x0: float | None = None,
+    prediction_type: PredictionType = "epsilon",
 ) -> Iterator[torch.Tensor]:
     """Solve the probability-flow ODE from x_T = noise (N, C, H, W); yields x after each step (last: x_0).
 
-    `alphas_cumprod` (T,) is the training schedule; only the epsilon half of a (N, 2C, H, W) output is used.
+    `alphas_cumprod` (T,) is the training schedule; only the prediction half of a (N, 2C, H, W) output is used.
     clip_x0: clamp the data prediction to [-clip_x0, clip_x0] (pixel-space data; diffusers' thresholding
     with a fixed bound). None, the default, is diffusers' behaviour for latents.
     """
@@ -52,9 +54,9 @@ def dpm_solver(
     x, x0_prev = noise, None
     for i, t in enumerate(timesteps.tolist()):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
+        pred, _ = split_output(model(x, t_batch, **(model_kwargs or {})), x.shape[1])
         x_t = x.to(dtype)
-        x0 = (x_t - sigma[i].item() * eps.to(dtype)) / alpha[i].item()  # data prediction, (N, C, H, W)
+        x0, _ = x0_and_eps(prediction_type, pred.to(dtype), x_t, alpha[i].item(), sigma[i].item())  # (N, C, H, W)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
 

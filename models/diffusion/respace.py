@@ -52,4 +52,5 @@ def respace(diffusion: GaussianDiffusion, use_timesteps: Iterable[int]) -> Gauss
         1.0 - alphas_cumprod / prev,
         learn_sigma=diffusion.learn_sigma,
         timestep_map=diffusion.timestep_map[kept],
+        prediction_type=diffusion.prediction_type,
     )

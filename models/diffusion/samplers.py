@@ -15,6 +15,7 @@ from models.diffusion.ddim import ddim
 from models.diffusion.dpm_solver import dpm_solver
 from models.diffusion.gaussian_diffusion import DenoiserFn, GaussianDiffusion, linear_beta_schedule
 from models.diffusion.guidance import classifier_free_guidance
+from models.diffusion.parameterization import PredictionType
 from models.diffusion.respace import respace, space_timesteps
 
 Sampler = Literal["dpm-solver", "ddim", "iddpm"]
@@ -24,9 +25,11 @@ def create_diffusion(
     timestep_respacing: str | Sequence[int] | None = None,
     learn_sigma: bool = True,
     diffusion_steps: int = 1000,
+    prediction_type: PredictionType = "epsilon",
 ) -> GaussianDiffusion:
     """PixArt's IDDPM: linear betas over `diffusion_steps`, optionally respaced ("100", "ddim25", [...])."""
-    diffusion = GaussianDiffusion(linear_beta_schedule(diffusion_steps), learn_sigma=learn_sigma)
+    betas = linear_beta_schedule(diffusion_steps)
+    diffusion = GaussianDiffusion(betas, learn_sigma=learn_sigma, prediction_type=prediction_type)
     if timestep_respacing is None or timestep_respacing == "":
         return diffusion
     return respace(diffusion, space_timesteps(diffusion_steps, timestep_respacing))
@@ -47,6 +50,7 @@ def sample(
     device: torch.device | str | None = None,
     progress: bool = False,
     clip_x0: float | None = None,
+    prediction_type: PredictionType = "epsilon",
 ) -> torch.Tensor:
     """Sample x_0 (N, C, H, W) from x_T = `noise`, or from fresh noise of shape `noise` drawn by `generator`.
 
@@ -65,6 +69,8 @@ def sample(
         clip_x0: clamp each predicted x_0 to [-clip_x0, clip_x0]: needed for pixel-space data (the pixel codec),
             whose early x_0 predictions are divided by a tiny sqrt(alpha-bar) and otherwise run away; None (no
             clamp) for VAE latents, as diffusers' PixArt pipeline samples them.
+        prediction_type: what the model predicts, "epsilon" (PixArt-alpha) or "v_prediction". Guidance is the
+            same for both: it is linear in the output, and the conversion to x_0 is affine in it.
     """
     # 1. Check inputs
     if uncond_kwargs is None and cfg_scale != 1.0:
@@ -83,11 +89,11 @@ def sample(
     alphas_cumprod = create_diffusion().alphas_cumprod  # (1000,) float64, the training schedule
     trajectory: Iterator[torch.Tensor]
     if sampler == "dpm-solver":
-        trajectory = dpm_solver(model, noise, alphas_cumprod, steps, model_kwargs, clip_x0)
+        trajectory = dpm_solver(model, noise, alphas_cumprod, steps, model_kwargs, clip_x0, prediction_type)
     elif sampler == "ddim":
-        trajectory = ddim(model, noise, alphas_cumprod, steps, eta, model_kwargs, generator, clip_x0)
+        trajectory = ddim(model, noise, alphas_cumprod, steps, eta, model_kwargs, generator, clip_x0, prediction_type)
     elif sampler == "iddpm":
-        spaced = create_diffusion(str(steps), learn_sigma=learn_sigma)
+        spaced = create_diffusion(str(steps), learn_sigma=learn_sigma, prediction_type=prediction_type)
         trajectory = spaced.p_sample_loop_progressive(model, noise, model_kwargs, generator, clip_x0)
     else:
         raise ValueError(f"sampler={sampler!r}; expected 'dpm-solver', 'ddim' or 'iddpm'")

@@ -28,6 +28,11 @@ class TrainConfig(BaseModel):
     global_batch_size: int = Field(..., gt=0, description="Samples per step summed over all workers.")
     seed: int = Field(0, description="Seeds weights, noise, timesteps, dropout and data order.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "uniform",
+        description="How training draws t: 'uniform' (the paper) or 'logit_normal' (SD3: t/T = sigmoid(N(0, 1)), "
+        "mostly middle noise levels; a small model learns layout and colour in far fewer steps).",
+    )
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA of the weights used for sampling and export.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU."

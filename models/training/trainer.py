@@ -121,7 +121,8 @@ class Trainer:
             self.ema.to(self.device)
         self.net = wrap(self.model) if wrap else self.model  # e.g. DistributedDataParallel
         learn_sigma = getattr(model, "pred_sigma", getattr(model, "learn_sigma", True))
-        self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=learn_sigma)
+        prediction_type = getattr(model, "prediction_type", "epsilon")  # what the loss's target is
+        self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=learn_sigma, prediction_type=prediction_type)
         lr = config.optimizer.effective_lr(config.global_batch_size)
         self.optimizer = build_optimizer(self.model, config.optimizer, lr)  # after sharding: over the shards
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -148,7 +149,7 @@ class Trainer:
         t, noise, drop = [], [], []
         for i in index.tolist():
             g = sample_generator(self.config.seed, self.step, int(i))
-            t.append(torch.randint(0, self.diffusion.num_timesteps, (), generator=g))
+            t.append(self.diffusion.sample_timesteps(1, generator=g, distribution=self.config.timestep_sampling)[0])
             noise.append(torch.randn(shape, generator=g))
             drop.append(bool(torch.rand((), generator=g) < p))
         return torch.stack(t), torch.stack(noise), torch.tensor(drop, dtype=torch.long)
