@@ -53,6 +53,7 @@ SMALL = [
 SHARDS = [f"{i:06d}.tar" for i in range(5)]
 # One held-out prompt per category, two images each, two sampler steps: an evaluation in seconds.
 EVALUATION = ["evaluate.per_category=1", "evaluate.images_per_prompt=2", "evaluate.steps=2"]
+DEMO_CATEGORIES = tuple(c for c in CATEGORIES if c != "texture")  # the demo draws plain objects only
 
 
 def small_config(workdir, *overrides):
@@ -300,18 +301,18 @@ def test_the_evaluate_flow_judges_an_export_per_category_and_reuses_its_artifact
     assert report.step == "evaluation" and not report.reused
     assert ArtifactStore(str(workdir)).get(report.artifact).upstream == [export_id]
     summary = report.summary
-    assert summary["model"] == export["dir"] and summary["num_images"] == 2 * len(CATEGORIES)
-    assert [c["category"] for c in summary["categories"]] == list(CATEGORIES)  # in order, also when reused
+    assert summary["model"] == export["dir"] and summary["num_images"] == 2 * len(DEMO_CATEGORIES)
+    assert [c["category"] for c in summary["categories"]] == list(DEMO_CATEGORIES)  # in order, also when reused
     for c in summary["categories"]:
         assert c["num_images"] == 2 and 0.0 <= c["ci_low"] <= c["accuracy"] <= c["ci_high"] <= 1.0
     assert summary["metrics"] == {}  # no metrics configured
-    for name in ("markdown", "json", *(f"grid_{c}" for c in CATEGORIES)):
+    for name in ("markdown", "json", *(f"grid_{c}" for c in DEMO_CATEGORIES)):
         assert Path(summary["files"][name]).is_file(), name
 
     # The Prefect table: a row per category and the overall mean; where the report is, above it
     published = PrefectArtifact.get("evaluation")
     rows = json.loads(published.data)
-    assert [row["category"] for row in rows] == [*CATEGORIES, "overall (mean of categories)"]
+    assert [row["category"] for row in rows] == [*DEMO_CATEGORIES, "overall (mean of categories)"]
     assert rows[0]["95% CI"].startswith("[") and summary["files"]["markdown"] in published.description
 
     # Again from the command line: the artifact is reused, the scores printed
@@ -482,7 +483,7 @@ def test_the_whole_pipeline_trains_exports_samples_evaluates_then_reuses_everyth
     assert Image.open(reports["samples"]["summary"]["grid"]).size[0] > 64
     evaluation = reports["evaluation"]["summary"]
     assert evaluation["model"] == export["dir"]
-    assert [c["category"] for c in evaluation["categories"]] == list(CATEGORIES)
+    assert [c["category"] for c in evaluation["categories"]] == list(DEMO_CATEGORIES)
     assert Path(evaluation["files"]["markdown"]).is_file() and "Evaluation: overall" in summary["markdown"]
     assert Path(summary["path"]).is_file() and "stage3" in summary["markdown"]
     assert planned_ids(config) == {step: r["artifact"] for step, r in reports.items()}
@@ -496,7 +497,8 @@ def test_the_whole_pipeline_trains_exports_samples_evaluates_then_reuses_everyth
 def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(flows_env, tmp_path):
     """Ctrl-C (SIGINT) in the middle of ingest: the next run keeps every shard the killed one finished."""
     workdir = tmp_path / "work"
-    cfg = config_file(tmp_path / "big.yaml", "ingest.source.count=96", "until=ingest")  # 12 shards of 8
+    # 12 shards of 8, all distinct (random layouts: the demo's canonical ones repeat scenes, which dedup drops)
+    cfg = config_file(tmp_path / "big.yaml", "ingest.source.count=96", "ingest.source.layout_jitter=1", "until=ingest")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
     command = [str(Path(sys.executable).parent / "pixart"), "run", "ingest", "-c", str(cfg), "--workdir", str(workdir)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
