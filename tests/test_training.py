@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -226,3 +227,16 @@ def test_v_prediction_with_logit_normal_timesteps_fits_a_batch():
     batch = {"x": torch.randn(4, 4, 8, 8), "y": torch.randn(4, 16, 32), "mask": torch.ones(4, 16)}
     losses = [trainer.train_step(batch).mse for _ in range(12)]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    from models.training.optim import lr_factor
+
+    cosine = lr_factor(OptimizerConfig(warmup_steps=10, schedule="cosine"), total_steps=110)
+    assert cosine(0) == pytest.approx(0.1 * 1.0) and cosine(9) == pytest.approx(
+        1.0 * math.cos(math.pi * 9 / 110) / 2 + 0.5
+    )
+    assert cosine(55) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(200) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    constant = lr_factor(OptimizerConfig(warmup_steps=10), total_steps=110)
+    assert [constant(s) for s in (0, 9, 55, 110)] == [0.1, 1.0, 1.0, 1.0]

@@ -15,6 +15,11 @@ class OptimizerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     warmup_steps: int = Field(1000, ge=0, description="Linear warm-up steps, then constant.")
     grad_clip: float = Field(0.01, gt=0, description="Max gradient norm (the reference clips at 0.01).")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After the warm-up: constant (the paper) or a cosine decay to 0 at the stage's last step (short "
+        "runs end on a small learning rate, so the final weights are not the noisy ones of a large step).",
+    )
     lr_scaling: Literal["sqrt", "none"] = Field(
         "sqrt", description="sqrt: lr * sqrt(global_batch / 256), the reference's auto_lr rule."
     )

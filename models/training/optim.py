@@ -1,7 +1,8 @@
-"""Optimisers, the warm-up schedule and the EMA of the weights."""
+"""Optimisers, the learning-rate schedule and the EMA of the weights."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,19 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
     return factor
+
+
+def lr_factor(config: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
+    """The LR multiplier of `config.schedule`: the warm-up, then constant or a cosine decay to 0 at total_steps."""
+    warmup = warmup_constant(config.warmup_steps)
+    if config.schedule == "constant":
+        return warmup
+
+    def cosine(step: int) -> float:
+        progress = min(step, total_steps) / total_steps
+        return warmup(step) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return cosine
 
 
 @torch.no_grad()

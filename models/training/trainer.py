@@ -38,7 +38,7 @@ from models.diffusion import GaussianDiffusion, create_diffusion
 from models.dit import DiT
 from models.pixart import PixArtMS
 from models.training.config import TrainConfig
-from models.training.optim import build_optimizer, update_ema, warmup_constant
+from models.training.optim import build_optimizer, lr_factor, update_ema
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,9 +125,7 @@ class Trainer:
         self.diffusion: GaussianDiffusion = create_diffusion(learn_sigma=learn_sigma, prediction_type=prediction_type)
         lr = config.optimizer.effective_lr(config.global_batch_size)
         self.optimizer = build_optimizer(self.model, config.optimizer, lr)  # after sharding: over the shards
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_constant(config.optimizer.warmup_steps)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config.optimizer, config.steps))
         self.amp_dtype = resolve_precision(config.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
