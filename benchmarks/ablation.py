@@ -474,8 +474,10 @@ def markdown(config: AblationConfig, selected: list[str], results: dict[str, Arm
         "# Ablations of the PixArt-α recipe at CPU scale",
         "",
         f"Budget per arm: {config.steps} optimiser steps x batch {config.batch}; PixArt depth {config.depth}, hidden "
-        f"{config.hidden}, {config.heads} heads, lr {config.lr}, EMA {config.ema_decay}; {config.count} shapes "
-        f"images at {config.image_size} px (pixel codec f={PIXEL_FACTOR}, tiny T5); evaluation on "
+        f"{config.hidden}, {config.heads} heads, lr {config.lr}, gradient clip {config.grad_clip}, EMA "
+        f"{config.ema_decay}; {config.prediction_type} prediction, {config.timestep_sampling} timesteps; "
+        f"{config.count} shapes images at {config.image_size} px (layout jitter {config.layout_jitter}, textures "
+        f"{'on' if config.textures else 'off'}; pixel codec f={PIXEL_FACTOR}, tiny T5); evaluation on "
         f"{config.per_category} held-out prompts per category x {config.images_per_prompt} images, DPM-Solver "
         f"{SAMPLING_STEPS} steps, cfg {config.cfg_scale}; seed {config.seed}.",
         "",
