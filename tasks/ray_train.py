@@ -103,16 +103,16 @@ def model_from_state(config: dict, state_dict: dict) -> torch.nn.Module:
 
 def build_model(cfg: StageModelConfig, init_model: str | None) -> torch.nn.Module:
     previous = load_stage_checkpoint(init_model) if init_model else None
+    continued = cfg.stage == 1 and isinstance(previous, DiT)
+    continued |= cfg.stage == 2 and previous is not None and not isinstance(previous, DiT)  # continue a PixArt
+    if continued:
+        previous.prediction_type = cfg.prediction_type  # as build_stage* do: what this stage trains
+        return previous
     if cfg.stage == 1:
-        model = previous if isinstance(previous, DiT) else build_stage1(cfg)
-    elif cfg.stage == 2 and previous is not None and not isinstance(previous, DiT):
-        model = previous  # continue a PixArt
-    elif cfg.stage == 2:
-        model, _ = build_stage2(cfg, stage1=previous)
-    else:
-        model = build_stage3(cfg, stage2=previous)
-    model.prediction_type = cfg.prediction_type  # what this stage trains, whatever it starts from
-    return model
+        return build_stage1(cfg)
+    if cfg.stage == 2:
+        return build_stage2(cfg, stage1=previous)[0]
+    return build_stage3(cfg, stage2=previous)
 
 
 def describe(model: torch.nn.Module) -> dict:

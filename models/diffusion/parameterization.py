@@ -14,12 +14,12 @@ scheduler samples our v models the same way.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 PredictionType = Literal["epsilon", "v_prediction"]
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 
 Coefficient = float | torch.Tensor  # a scalar, or (N, 1, 1, 1) to broadcast over (N, C, H, W)
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from models.diffusion.gaussian_diffusion import TimestepSampling
+
 
 class OptimizerConfig(BaseModel):
     name: Literal["adamw", "came"] = Field("adamw", description="AdamW (PixArt-alpha) or CAME (PixArt-Sigma).")
@@ -33,7 +35,7 @@ class TrainConfig(BaseModel):
     global_batch_size: int = Field(..., gt=0, description="Samples per step summed over all workers.")
     seed: int = Field(0, description="Seeds weights, noise, timesteps, dropout and data order.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+    timestep_sampling: TimestepSampling = Field(
         "uniform",
         description="How training draws t: 'uniform' (the paper) or 'logit_normal' (SD3: t/T = sigmoid(N(0, 1)), "
         "mostly middle noise levels; a small model learns layout and colour in far fewer steps).",
