@@ -1,7 +1,7 @@
 """Where the frozen models are, and each loaded once per worker process.
 
 `resolve_components` turns the config into loadable names: hub ids or directories as given, or the tiny random
-components built (once, under a lock) in <workdir>/components. The loaders below keep what they loaded for the
+components built (once, under a lock) in <workdir>/components/<recipe>. The loaders below keep what they loaded for the
 life of the process: a Ray worker that runs many shards of a stage loads T5 or LLaVA once, not once per shard.
 """
 
@@ -32,12 +32,12 @@ class Components:
 
 
 def resolve_components(config: ComponentsConfig, workdir: str) -> Components:
-    """The components to load; tiny ones are built in <workdir>/components first (or reused if built)."""
+    """The components to load; tiny ones are built in <workdir>/components/<recipe> first (or reused if built)."""
     t5, vae, llava = config.t5, config.vae, config.llava
     if config.tiny:
         from models.tiny import build_tiny_components
 
-        directory = join(workdir, "components")
+        directory = join(workdir, "components", config.tiny_build().replace(",", "-"))  # one per build recipe
         if not is_local(directory):
             raise ValueError(f"components.tiny needs a local workdir to build them in; workdir={workdir!r} is remote")
         with locked(directory):  # two runs must not build into the same directory at once

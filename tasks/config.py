@@ -100,7 +100,7 @@ class ComponentsConfig(Strict):
 
     tiny: bool = Field(
         False,
-        description="Build tiny random T5 / VAE / LLaVA under <workdir>/components and use them instead of "
+        description="Build tiny random T5 / VAE / LLaVA under <workdir>/components/<recipe> and use them instead of "
         "t5 / vae / llava (the CPU demo and tests; nothing is downloaded).",
     )
     tiny_seed: int = Field(0, description="Seed of the tiny components' random weights.")
@@ -117,8 +117,14 @@ class ComponentsConfig(Strict):
     def name(self, component: Literal["t5", "vae", "llava"]) -> str:
         """What identifies a component in artifact ids: its hub id or directory, or the tiny build recipe."""
         if self.tiny:
-            return f"tiny-{component}(seed={self.tiny_seed},t5_d_model={self.tiny_t5_d_model})"
+            return f"tiny-{component}({self.tiny_build()})"
         return getattr(self, component)
+
+    def tiny_build(self) -> str:
+        """The tiny build's recipe as "format_version=2,seed=0,t5_d_model=32": in artifact ids and its directory."""
+        from models.tiny import tiny_recipe
+
+        return ",".join(f"{k}={v}" for k, v in tiny_recipe(self.tiny_seed, self.tiny_t5_d_model).items())
 
     def codec_identity(self) -> dict:
         if self.codec == "pixel":

@@ -1,6 +1,7 @@
 """The tiny offline T5, VAE and LLaVA, loaded back through the production loaders."""
 
 import json
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from models.text_encoder import MAX_LENGTH, T5TextEncoder
-from models.tiny import MARKER, build_tiny_components
+from models.tiny import FORMAT_VERSION, MARKER, build_tiny_components
 from models.vae import VAE
 
 CAPTIONS = ["a red circle above a blue square", "a photo of a small green dog in a park at sunset, 3 of them."]
@@ -57,6 +58,29 @@ def test_t5_features_do_not_depend_on_batch_padding(t5):
     batched, _ = t5.encode(CAPTIONS)
     n = int(mask.sum())
     torch.testing.assert_close(batched[0, :n], alone[0, :n])
+
+
+@pytest.mark.parametrize(
+    "swapped",
+    [
+        "a large black star on a white background",  # which colour is the object's
+        "a large blue square above a small red circle on a gray background",  # which shape is above
+    ],
+)
+def test_t5_features_depend_on_word_order(t5, swapped):
+    """Captions with the same words in another order get other features, as from a trained T5: each token's
+    features stay far from every token of the swapped caption (a bag-of-words encoder would give ~0.05)."""
+    original = {
+        "a large black star on a white background": "a large white star on a black background",
+        "a large blue square above a small red circle on a gray background": (
+            "a small red circle above a large blue square on a gray background"
+        ),
+    }[swapped]
+    features, mask = t5.encode([original, swapped])  # (2, 120, 32)
+    a, b = features[0, : int(mask[0].sum())], features[1, : int(mask[1].sum())]
+    assert sorted(t5.tokenizer.tokenize(original)) == sorted(t5.tokenizer.tokenize(swapped))  # the same pieces
+    nearest = torch.cdist(a, b).min(dim=1).values  # each token of one caption to its closest in the other
+    assert nearest.mean() / a.norm(dim=-1).mean() > 0.3
 
 
 def test_t5_encode_rejects_a_bare_string(t5):
@@ -187,6 +211,22 @@ def test_build_is_deterministic_and_reused(tiny, tmp_path):
     build_tiny_components(tmp_path / "same")
     assert not (same.t5_dir / "sentinel").exists()
     assert other.t5_dir == tmp_path / "other" / "t5"
+
+
+def test_pipeline_keeps_one_build_per_recipe(tmp_path):
+    """A workdir holds a build per recipe (an older builder's too), and artifact ids name the recipe, so
+    features made with another build's T5 are never reused."""
+    from tasks.components import resolve_components
+    from tasks.config import ComponentsConfig
+
+    first, second = ComponentsConfig(tiny=True), ComponentsConfig(tiny=True, tiny_seed=1)
+    old = tmp_path / "components" / "t5"  # where format 1 built, left by an older workdir: ignored
+    old.mkdir(parents=True)
+    a, b = resolve_components(first, str(tmp_path)), resolve_components(second, str(tmp_path))
+    assert Path(a.t5).parent.name == f"format_version={FORMAT_VERSION}-seed=0-t5_d_model=32"
+    assert Path(a.t5).parent != Path(b.t5).parent and Path(a.t5).is_dir() and Path(b.t5).is_dir()
+    assert first.name("t5") == f"tiny-t5(format_version={FORMAT_VERSION},seed=0,t5_d_model=32)"
+    assert first.name("t5") != second.name("t5")
 
 
 def test_missing_or_wrong_directories_are_named(tiny, tmp_path):
