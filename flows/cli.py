@@ -158,7 +158,9 @@ def export(
 ConfigOption = Annotated[
     str,
     typer.Option(
-        "--config", "-c", help="Preset name in configs/ (demo, pixart_256, pixart_512, pixart_1024_ms) or a YAML file."
+        "--config",
+        "-c",
+        help="Preset name in configs/ (demo, demo_long, pixart_256, pixart_512, pixart_1024_ms) or a YAML file.",
     ),
 ]
 SetOption = Annotated[

@@ -447,6 +447,10 @@ def test_presets_hold_the_papers_recipe_and_derive_from_one_base():
     demo = load_config("demo")
     assert demo.ingest.source.kind == "shapes" and demo.components.tiny and demo.components.codec == "pixel"
     assert demo.stage1.train.optimizer.weight_decay == 3e-2  # the demo overrides lr, keeps the rest
+    long = load_config("demo_long")  # the demo with a longer stage 2; everything upstream is the demo's
+    assert (long.stage2.train.steps, long.stage2.train.ema_decay, demo.stage2.train.steps) == (15000, 0.999, 2000)
+    assert long.stage2.train.optimizer == demo.stage2.train.optimizer and long.stage1 == demo.stage1
+    assert long.ingest == demo.ingest and long.stage3 == demo.stage3
     bases = {n: yaml.safe_load(Path("configs", f"{n}.yaml").read_text()).get("base") for n in ("demo", "pixart_512")}
     assert bases == {"demo": "pixart_256.yaml", "pixart_512": "pixart_256.yaml"}
 
