@@ -120,6 +120,7 @@ def train_sentencepiece(path: Path, **options) -> None:
 # d_model 4096, 24 layers, 64 heads of 64, d_ff 10240.
 T5_LAYERS, T5_HEADS, T5_D_KV, T5_D_FF = 2, 2, 16, 64
 T5_VOCAB = 256  # SentencePiece pieces before the 100 sentinels (the real one: 32000)
+T5_EXTRA_IDS = 100
 # At T5's init scale a random encoder is nearly a bag of words: its relative-position bias (std d_model^-0.5)
 # leaves attention close to uniform, so swapping two words ("a white star on a black background" / "a black
 # star on a white background") moves each token's features by only 5-9%, and a model conditioned on them
@@ -127,7 +128,6 @@ T5_VOCAB = 256  # SentencePiece pieces before the 100 sentinels (the real one: 3
 # Scaled up, the bias gives each head its own random neighbourhood, so the features depend on word order
 # (the same swaps move them by 48-63%); the weights stay random.
 T5_POSITION_BIAS_SCALE = 10.0
-T5_EXTRA_IDS = 100
 
 # 4 resolutions like the SD VAE, so the downsample factor is 8 as in production (latent 8x8 for a
 # 64 px image): 81k parameters, a 64 px image encodes and decodes in milliseconds on a CPU.

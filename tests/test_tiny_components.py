@@ -61,21 +61,20 @@ def test_t5_features_do_not_depend_on_batch_padding(t5):
 
 
 @pytest.mark.parametrize(
-    "swapped",
+    ("original", "swapped"),
     [
-        "a large black star on a white background",  # which colour is the object's
-        "a large blue square above a small red circle on a gray background",  # which shape is above
+        # which colour is the object's
+        ("a large white star on a black background", "a large black star on a white background"),
+        # which shape is above
+        (
+            "a small red circle above a large blue square on a gray background",
+            "a large blue square above a small red circle on a gray background",
+        ),
     ],
 )
-def test_t5_features_depend_on_word_order(t5, swapped):
+def test_t5_features_depend_on_word_order(t5, original, swapped):
     """Captions with the same words in another order get other features, as from a trained T5: each token's
     features stay far from every token of the swapped caption (a bag-of-words encoder would give ~0.05)."""
-    original = {
-        "a large black star on a white background": "a large white star on a black background",
-        "a large blue square above a small red circle on a gray background": (
-            "a small red circle above a large blue square on a gray background"
-        ),
-    }[swapped]
     features, mask = t5.encode([original, swapped])  # (2, 120, 32)
     a, b = features[0, : int(mask[0].sum())], features[1, : int(mask[1].sum())]
     assert sorted(t5.tokenizer.tokenize(original)) == sorted(t5.tokenizer.tokenize(swapped))  # the same pieces
