@@ -36,7 +36,7 @@ from flows.report import (
 )
 from storage.artifacts import Artifact, ArtifactStore, artifact_id
 from storage.captions import CaptionChoice, CaptionStore, caption_stats
-from storage.fs import join, write_json
+from storage.fs import absolute, join, write_json
 from storage.ingest import shard_complete
 from storage.sources.shapes import ShapesConfig, heldout_prompts
 from tasks.caption import caption_shard, caption_version
@@ -397,6 +397,7 @@ def model_to_evaluate(store: ArtifactStore, model: str) -> tuple[str, list[str],
     """(what to load, upstream artifact ids, model identity) for the `evaluate` flow's `model`: an artifact id
     (export, or a stage's EMA checkpoint) or a path outside the store (named by its fingerprint)."""
     if not re.fullmatch(r"[a-z0-9_]+-[0-9a-f]{16}", model):
+        model = absolute(model)  # the evaluation task runs on Ray, in another directory
         return model, [], {"model": model_fingerprint(model)}
     artifact = complete_upstream(store, model, "model")
     summary = artifact.manifest["summary"]

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from storage.fs import exists, filesystem, join, read_json, write_json
+from storage.fs import absolute, exists, filesystem, join, read_json, write_json
 from storage.shards import ShardInfo, verify_shard, write_shard
 
 FORMAT_VERSION = 1
@@ -142,7 +142,7 @@ class ArtifactStore:
     """Artifacts under one root: a local directory or an fsspec URL."""
 
     def __init__(self, root: str):
-        self.root = str(root).rstrip("/")
+        self.root = absolute(root).rstrip("/")  # absolute: Ray workers run in other directories
         fs, path = filesystem(self.root)
         fs.makedirs(path, exist_ok=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -21,6 +22,22 @@ from fsspec.core import url_to_fs
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path or an fsspec URL."""
     return url_to_fs(str(url))
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL (s3://, gs://, memory://, file://), False for a local path."""
+    return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (`~` expanded) against this process's current directory; a URL as it is.
+
+    Ray tasks and Ray Train workers do not run in the directory a command was started from, so every path
+    handed to them must be absolute or a URL.
+    """
+    if is_url(path):
+        return str(path)
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def join(url: str, *parts: str) -> str:

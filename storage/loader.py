@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.artifacts import Artifact
-from storage.shards import ShardError, ShardInfo, iter_shard, load_npy
+from storage.shards import ShardError, ShardInfo, ShardMissing, iter_shard, load_npy
 
 FeatureShard = tuple[str, ShardInfo]  # (url, manifest record)
 
@@ -135,6 +135,12 @@ def read_shards(shards: Iterable[FeatureShard]) -> Iterator[dict]:
     for url, info in shards:
         try:
             yield from iter_shard(url, info)
+        except ShardMissing as err:
+            raise ShardMissing(
+                f"{err}: the feature artifact records it, so if the file exists this process cannot see it (a "
+                "workdir on a disk this node does not share: use shared storage or a URL); if it was deleted, "
+                "re-run feature extraction"
+            ) from err
         except ShardError as err:
             raise ShardError(
                 f"{err}: this feature shard is damaged and will not be trained on; re-run feature extraction "

@@ -8,6 +8,7 @@ Keys never contain dots (webdataset splits the extension at the first dot) nor p
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -22,6 +23,10 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 class ShardError(ValueError):
     """A shard is missing, truncated, altered or malformed."""
+
+
+class ShardMissing(ShardError):
+    """No file where a shard's record says it is: a wrong path (or a deleted shard), not a damaged one."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,12 @@ def iter_shard(url: str, info: ShardInfo | None = None) -> Iterator[dict]:
     if info is not None:
         identity = _identity(url, info)
         if identity not in _VERIFIED:
-            if problem := verify_shard(url, info):
+            if (problem := verify_shard(url, info)) == "missing":
+                raise ShardMissing(
+                    f"shard {url}: no such file (looked up {filesystem(url)[1]} from the current directory "
+                    f"{os.getcwd()})"
+                )
+            if problem:
                 raise ShardError(f"shard {url}: {problem}")
             _VERIFIED.add(identity)
     fs, path = filesystem(url)

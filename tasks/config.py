@@ -35,6 +35,7 @@ from models.text_encoder import DEFAULT_T5
 from models.training.config import TrainConfig
 from models.vae import DEFAULT_VAE
 from storage.captions import Flag
+from storage.fs import absolute, is_url
 from storage.images import ImageRules
 from storage.sources.folder import FolderConfig
 from storage.sources.img2dataset import Img2DatasetConfig
@@ -316,6 +317,26 @@ class PipelineConfig(Strict):
         return data
 
     @model_validator(mode="after")
+    def _absolute_paths(self) -> PipelineConfig:
+        """Every local path made absolute once, here: Ray tasks, Ray Train workers and Prefect workers run in
+        other directories than the one the config was loaded in (URLs and hub ids stay as they are)."""
+        self.workdir = absolute(self.workdir)
+        source = self.ingest.source
+        if source.kind != "shapes":
+            source.path = absolute(source.path)
+        if source.kind == "sa1b" and source.captions:
+            source.captions = absolute(source.captions)
+        for name in ("t5", "vae", "llava"):
+            setattr(self.components, name, local_or_hub_id(getattr(self.components, name)))
+        for n in (1, 2, 3):
+            if init := self.stage(n).model.init:
+                self.stage(n).model.init = local_or_hub_id(init)
+        if metrics := self.evaluate.metrics:
+            metrics.fid_weights = metrics.fid_weights and absolute(metrics.fid_weights)
+            metrics.clip_model = local_or_hub_id(metrics.clip_model)
+        return self
+
+    @model_validator(mode="after")
     def _captions_exist(self) -> PipelineConfig:
         if self.caption.use != "sidecar" and not self.caption.enabled:
             raise ValueError(
@@ -344,6 +365,14 @@ class PipelineConfig(Strict):
     def runs(self, step: str) -> bool:
         """True if `step` is at or before `until`."""
         return STEPS.index(step) <= STEPS.index(self.until)
+
+
+def local_or_hub_id(name: str) -> str:
+    """A model named by a local path (one that exists, or is written as a path: ./x, ../x, /x, ~/x) made
+    absolute; a hub id ("google/t5-v1_1-xxl") or URL as it is, as `from_pretrained` would read it."""
+    if is_url(name) or not (Path(name).expanduser().exists() or name.startswith((".", "/", "~"))):
+        return name
+    return absolute(name)
 
 
 # ---------------------------------------------------------------------------------------------------

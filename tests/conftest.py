@@ -51,3 +51,22 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (a real one, on loopback) for the session; PREFECT_API_URL points at it."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield
+
+
+@pytest.fixture(scope="session")
+def flows_env(prefect_server, ray_local):
+    """A Prefect server and a Ray instance, both up."""
+    return ray_local

@@ -21,8 +21,6 @@ import yaml
 from diffusers import PixArtAlphaPipeline
 from PIL import Image
 from prefect.artifacts import Artifact as PrefectArtifact
-from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -58,21 +56,6 @@ DEMO_CATEGORIES = tuple(c for c in CATEGORIES if c != "texture")  # the demo dra
 
 def small_config(workdir, *overrides):
     return load_config("demo", [*SMALL, *overrides], workdir=str(workdir))
-
-
-@pytest.fixture(scope="session")
-def prefect_server():
-    with (
-        temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        yield
-
-
-@pytest.fixture(scope="session")
-def flows_env(prefect_server, ray_local):
-    """A Prefect server and a Ray instance, both up."""
-    return ray_local
 
 
 @pytest.fixture(scope="module")
