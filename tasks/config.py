@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from configs import PRESET_DIR
 from models.captioner import DEFAULT_LLAVA, DEFAULT_PROMPT, GenerationParams
 from models.diffusion.samplers import Sampler
 from models.metrics import MetricsConfig
@@ -43,7 +44,6 @@ from storage.sources.sa1b import SA1BConfig
 from storage.sources.shapes import CATEGORIES, ShapesConfig, parse_caption
 from tasks.ray_train import StageRunConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STEPS = ("ingest", "caption", "extract", "stage1", "stage2", "stage3", "export", "sample", "evaluate")
 
 
@@ -385,11 +385,11 @@ def resolve_preset(name: str | Path, relative_to: Path | None = None) -> Path:
     candidates = [Path(name)]
     if relative_to is not None:
         candidates.insert(0, relative_to / name)
-    candidates += [CONFIG_DIR / str(name), CONFIG_DIR / f"{name}.yaml"]
+    candidates += [PRESET_DIR / str(name), PRESET_DIR / f"{name}.yaml"]
     for path in candidates:
         if path.is_file():
             return path.resolve()
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise FileNotFoundError(f"config {str(name)!r} not found: pass a YAML file or one of the presets {known}")
 
 
