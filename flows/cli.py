@@ -326,30 +326,46 @@ def generate(
 # ---------------------------------------------------------------------------------------------------
 
 
-def config_ids(configs: list[str], workdir: str | None) -> dict[str, str]:
-    """{artifact id: "config step"} of every step of each config."""
+def config_steps(configs: list[str], overrides: list[str] | None, workdir: str | None) -> dict[str, str]:
+    """{artifact id: "CONFIG STEP"} of every step of each config, read as `run` reads it (overrides included)."""
     from flows.pipeline import planned_ids
 
     named = {}
     for name in configs:
-        for step, aid in planned_ids(build_config(name, [], workdir)).items():
+        for step, aid in planned_ids(build_config(name, overrides, workdir)).items():
             named.setdefault(aid, f"{name} {step}")
     return named
+
+
+def store_root(configs: list[str], overrides: list[str] | None, workdir: str | None) -> str:
+    """The workdir `run` would use: --workdir, else the (first) config's, else ./workdir."""
+    if workdir or not configs:
+        return workdir or "workdir"
+    return build_config(configs[0], overrides, None).workdir
+
+
+ConfigsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--config", "-c", help="A preset name or YAML file, as `run` takes it (repeatable); --set applies to each."
+    ),
+]
 
 
 @artifacts_app.command("ls")
 @user_errors
 def artifacts_ls(
-    workdir: Annotated[str, typer.Option(help="Artifact store root.")] = "workdir",
-    config: Annotated[list[str] | None, typer.Option("--config", "-c", help="Name each artifact's step in it.")] = None,
+    config: ConfigsOption = None,
+    set_: SetOption = None,
+    workdir: Annotated[str | None, typer.Option(help="Artifact store root; default: the config's workdir.")] = None,
 ):
     """List the artifacts: id, stage, complete or not, shards, size; with -c, which step of the config each is."""
     from storage.artifacts import ArtifactStore
     from tasks.locks import is_locked
 
-    store = ArtifactStore(workdir)
-    named = config_ids(config or [], workdir)
-    table = Table(title=f"artifacts in {workdir}")
+    store = ArtifactStore(store_root(config or [], set_, workdir))
+    named = config_steps(config or [], set_, store.root)
+    table = Table(title=f"artifacts in {store.root}")
     for column in ("id", "stage", "complete", "shards", "MB", "step" if config else "", "in use"):
         if column:
             table.add_column(column)
@@ -363,29 +379,36 @@ def artifacts_ls(
 @artifacts_app.command("gc")
 @user_errors
 def artifacts_gc(
-    workdir: Annotated[str, typer.Option(help="Artifact store root.")] = "workdir",
     config: Annotated[
-        list[str] | None, typer.Option("--config", "-c", help="Keep every artifact of this config.")
+        list[str] | None,
+        typer.Option("--config", "-c", help="Keep every artifact of this config, read as `run` reads it (repeatable)."),
     ] = None,
+    set_: SetOption = None,
+    workdir: Annotated[str | None, typer.Option(help="Artifact store root; default: the config's workdir.")] = None,
     keep: Annotated[list[str] | None, typer.Option(help="Keep this artifact id (and its upstream).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Only list what would be deleted.")] = False,
 ):
-    """Delete every artifact that no kept config or id needs (upstream artifacts of kept ones are kept)."""
+    """Delete every artifact that no kept config or id needs (upstream artifacts of kept ones are kept).
+
+    Give the config exactly as the runs that built the artifacts were given it (`-c demo --set
+    stage2.train.steps=500`): each kept artifact is listed with the step or id that keeps it.
+    """
     from storage.artifacts import ArtifactStore
     from tasks.locks import is_locked
 
     if not config and not keep:
         raise ValueError("name what to keep: -c CONFIG (its artifacts) and/or --keep ID; everything else is deleted")
-    store = ArtifactStore(workdir)
-    kept = set(config_ids(config or [], workdir)) | set(keep or [])
-    in_use = [aid for aid in store.ids() if is_locked(store.get(aid).url)]  # a run is writing them right now
-    dead = store.gc(kept | set(in_use), dry_run=dry_run)
+    store = ArtifactStore(store_root(config or [], set_, workdir))
+    why = config_steps(config or [], set_, store.root) | {aid: "--keep" for aid in keep or []}
+    why |= {aid: "in use by a running step" for aid in store.ids() if is_locked(store.get(aid).url)}
+    live = store.reachable(why)
+    dead = store.gc(live, dry_run=dry_run)
+    for aid, root in sorted(live.items()):
+        console.print(f"keep {aid}: {why[aid] if aid == root else f'upstream of {root} ({why[root]})'}")
     verb = "would delete" if dry_run else "deleted"
     for aid in dead:
         console.print(f"{verb} {aid}")
-    remaining = len(store.ids()) - (len(dead) if dry_run else 0)
-    skipped = f" ({len(in_use)} in use by a running step)" if in_use else ""
-    console.print(f"{verb} {len(dead)} artifacts, kept {remaining}{skipped}")
+    console.print(f"{verb} {len(dead)} artifacts, kept {len(live)}")
 
 
 if __name__ == "__main__":

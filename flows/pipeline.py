@@ -125,8 +125,9 @@ def planned_ids(config: PipelineConfig) -> dict[str, str]:
         upstream = [ids[f"features-{stage_resolution(config, n)}px"]] + ([previous] if previous else [])
         ids[f"stage{n}"] = previous = artifact_id(f"stage{n}", config.stage(n).identity(), upstream)
     ids["export"] = artifact_id("export", config.export_identity(), [previous])
-    prompts = [p["prompt"] for p in sample_prompts(config)]
-    ids["samples"] = artifact_id("samples", config.sample.identity(prompts), [ids["export"]])
+    if config.sample.enabled and (config.sample.prompts or config.ingest.source.kind == "shapes"):
+        prompts = [p["prompt"] for p in sample_prompts(config)]
+        ids["samples"] = artifact_id("samples", config.sample.identity(prompts), [ids["export"]])
     if config.evaluate.enabled and (pairs := evaluation_prompts(config.evaluate, config.ingest.source)):
         ids["evaluation"] = artifact_id("evaluation", config.evaluate.identity(pairs), [ids["export"]])
     return ids

@@ -179,15 +179,22 @@ class ArtifactStore:
             out.append(ArtifactSummary(aid, art.stage, art.complete, len(records), sum(r.bytes for r in records)))
         return out
 
+    def reachable(self, keep: Iterable[str]) -> dict[str, str]:
+        """{artifact id: the kept id it is reached from} for each stored id of `keep` and everything upstream of
+        them (a kept id maps to itself)."""
+        live = {aid: aid for aid in keep if exists(join(self.root, aid, "spec.json"))}
+        todo = list(live)
+        while todo:
+            aid = todo.pop(0)
+            for up in Artifact(self.root, aid).upstream:
+                if up not in live and exists(join(self.root, up, "spec.json")):
+                    live[up] = live[aid]
+                    todo.append(up)
+        return live
+
     def gc(self, keep: Iterable[str], dry_run: bool = False) -> list[str]:
         """Delete every artifact not reachable from `keep` through upstream links; returns the deleted ids."""
-        live, todo = set(), [k for k in keep]
-        while todo:
-            aid = todo.pop()
-            if aid in live or not exists(join(self.root, aid, "spec.json")):
-                continue
-            live.add(aid)
-            todo.extend(Artifact(self.root, aid).upstream)
+        live = self.reachable(keep)
         dead = [aid for aid in self.ids() if aid not in live]
         if not dry_run:
             fs, _ = filesystem(self.root)

@@ -378,6 +378,32 @@ def test_cli_run_and_artifacts_ls_gc(first_run, tmp_path):
     assert sorted(ArtifactStore(str(workdir)).ids()) == sorted(s["artifact"] for s in first_run[1].values())
 
 
+def test_gc_reads_the_config_as_run_does_and_says_why_it_keeps(first_run, tmp_path):
+    runner = CliRunner()
+    workdir = copy_of(first_run, tmp_path)
+    built = {s["artifact"]: step for step, s in first_run[1].items()}
+    # The preset alone is not what the runs were given: all their artifacts are garbage to it
+    result = runner.invoke(app, ["artifacts", "gc", "-c", "demo", "--workdir", str(workdir), "--dry-run"])
+    assert result.exit_code == 0 and all(f"would delete {aid}" in result.output for aid in built), result.output
+    # With the same --set as the runs, every one of them is kept, each with the step that keeps it
+    overrides = [arg for text in SMALL for arg in ("--set", text)]
+    result = runner.invoke(app, ["artifacts", "gc", "-c", "demo", *overrides, "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert f"deleted 0 artifacts, kept {len(built)}" in result.output
+    for aid, step in built.items():
+        assert f"keep {aid}: demo {step}" in result.output
+    assert sorted(ArtifactStore(str(workdir)).ids()) == sorted(built)
+
+
+def test_artifacts_ls_takes_a_folder_source_config_as_run_does(tmp_path):
+    cfg = tmp_path / "photos.yaml"
+    cfg.write_text(yaml.safe_dump({"base": "demo", "ingest": {"source": {"kind": "folder", "path": "photos"}}}))
+    ArtifactStore(str(tmp_path / "work")).artifact("features", {"left": "over"})
+    result = CliRunner().invoke(app, ["artifacts", "ls", "-c", str(cfg), "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    assert "features-" in result.output
+
+
 def test_cli_errors_say_what_to_fix(tmp_path):
     runner = CliRunner()
 
