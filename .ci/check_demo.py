@@ -47,7 +47,8 @@ def check_export(export: dict) -> None:
     cfg = transformer.config
     x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     y = torch.randn(1, 4, cfg.caption_channels)
-    added = {"resolution": None, "aspect_ratio": None}
+    # micro-conditions (image size in pixels, aspect ratio): read by a multi-scale model, ignored by others
+    added = {"resolution": torch.tensor([[256.0, 256.0]]), "aspect_ratio": torch.tensor([[1.0]])}
     with torch.no_grad():
         out = transformer(x, encoder_hidden_states=y, timestep=torch.tensor([500]), added_cond_kwargs=added).sample
     if not torch.isfinite(out).all():
