@@ -84,7 +84,8 @@ def ensure_server(home: Path, port: int | None = None) -> tuple[ServerRecord, bo
     port: where a new server listens (default: $PIXART_SERVER_PORT, else a free loopback port).
     """
     with locked(str(home)):  # one starter at a time: the next one finds this one's server running
-        if record := running_server(home):
+        record = read_record(home)
+        if record is not None and is_server_process(record) and answers(record):  # slow under load is not dead
             return record, False
         discard_record(home)
         return start_server(home, port), True
@@ -92,6 +93,8 @@ def ensure_server(home: Path, port: int | None = None) -> tuple[ServerRecord, bo
 
 def stop_server(home: Path) -> ServerRecord | None:
     """Stop the server of `home`; returns its record, or None if none was running. A stale record is removed."""
+    if not record_path(home).exists():
+        return None
     with locked(str(home)):
         record = read_record(home)
         running = record is not None and is_server_process(record)
@@ -162,6 +165,16 @@ def healthy(record: ServerRecord, timeout: float = 5.0) -> bool:
         return False
 
 
+def answers(record: ServerRecord, timeout: float = START_TIMEOUT) -> bool:
+    """Wait until the recorded server answers (True), or its process is gone or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not healthy(record, timeout=2.0):
+        if not is_server_process(record) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 def terminate(pid: int, grace: float = 20.0) -> None:
     """SIGTERM to the server's process group (it leads its session), SIGKILL if it is still there after `grace`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -176,16 +189,24 @@ def terminate(pid: int, grace: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def free_port() -> int:
+def free_port(port: int = 0) -> int:
+    """`port` if it is free on 127.0.0.1 (else ServerFailed: whatever answers there is not this server), or a
+    free one for 0."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ServerFailed(
+                f"port {port} on 127.0.0.1 is taken ({err.strerror}): choose another (--port, ${PORT_ENV}) or "
+                "leave both unset for a free one"
+            ) from err
         return s.getsockname()[1]
 
 
 def start_server(home: Path, port: int | None = None) -> ServerRecord:
     """Start `prefect server start` on loopback, detached, with its database in `home`; wait until it answers."""
     home.mkdir(parents=True, exist_ok=True)
-    port = port or int(os.environ.get(PORT_ENV) or 0) or free_port()
+    port = free_port(port or int(os.environ.get(PORT_ENV) or 0))
     database, log = home / "prefect.db", home / "server.log"
     record = ServerRecord(pid=0, port=port, started=time.time(), database=str(database), log=str(log))
     env = os.environ | {
@@ -202,15 +223,12 @@ def start_server(home: Path, port: int | None = None) -> ServerRecord:
         )  # fmt: skip
     record = ServerRecord(**(asdict(record) | {"pid": process.pid}))
     record_path(home).write_text(json.dumps(asdict(record), indent=1))  # before it answers: `stop` can find it
-    deadline = time.monotonic() + START_TIMEOUT
-    while not healthy(record, timeout=2.0):
-        if process.poll() is not None or time.monotonic() > deadline:
-            what = f"exited with code {process.returncode}" if process.poll() is not None else "did not answer"
-            discard_record(home)
-            tail = log.read_text(errors="replace").splitlines()[-15:]
-            raise ServerFailed(
-                f"the local Prefect server on port {port} {what} within {START_TIMEOUT} s; the end of {log}:\n  "
-                + "\n  ".join(tail)
-            )
-        time.sleep(0.25)
+    if not answers(record):
+        what = "did not answer" if is_server_process(record) else "exited"
+        discard_record(home)
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise ServerFailed(
+            f"the local Prefect server on port {port} {what} within {START_TIMEOUT} s; the end of {log}:\n  "
+            + "\n  ".join(tail)
+        )
     return record

@@ -140,6 +140,8 @@ def test_a_stale_record_is_replaced_and_the_process_it_names_left_alone(workdir)
             json.dumps({"pid": other.pid, "port": port, "started": 0, "database": "", "log": ""})
         )
         assert pixart("server", "status", "--workdir", workdir, timeout=60).returncode == 1
+        taken = pixart("server", "start", "--workdir", workdir, "--port", port, timeout=60)
+        assert taken.returncode == 1 and f"port {port} on 127.0.0.1 is taken" in taken.stderr
 
         out = ok(pixart("server", "start", "--workdir", workdir))
         server = read_record(home)
