@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Iterator
 
 from prefect.logging import get_logger
+from prefect.logging.configuration import ensure_logging_setup
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
 from flows.server import HOME_ENV, ServerRecord, ensure_server, running_server, server_home
@@ -34,6 +35,7 @@ def prefect_api(workdir: str) -> Iterator[str]:
     if url := PREFECT_API_URL.value():
         yield url
         return
+    ensure_logging_setup()  # the lines below print as the runs' do, also before a flow module is imported
     if (home := server_home(workdir)) is None:
         logger.info(
             f"workdir {workdir} is not local and {HOME_ENV} is not set: a temporary Prefect server serves this "
