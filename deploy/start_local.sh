@@ -5,18 +5,21 @@
 #   deploy/start_local.sh          start all three (state and logs in $PIXART_STATE), print the exports to use
 #   deploy/start_local.sh stop     stop what it started (only those processes)
 #
-# Settings (environment): PIXART_STATE (default .pixart-local/), PIXART_BIN (the venv's bin/), PREFECT_PORT (4200),
-# RAY_PORT (6379), RAY_NUM_CPUS (all), RAY_OBJECT_STORE_MB (Ray's default), PIXART_WORK_POOL (pixart-local).
+# Settings (environment): PIXART_STATE (default .pixart-local/ in the repository), PIXART_BIN (the venv's bin/),
+# PREFECT_PORT (4200), RAY_PORT (6379), RAY_NUM_CPUS (all), RAY_OBJECT_STORE_MB (Ray's default), PIXART_WORK_POOL
+# (pixart-local). Relative paths are taken from the current directory, once, here.
 set -euo pipefail
 
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-STATE=${PIXART_STATE:-$REPO/.pixart-local}
-BIN=${PIXART_BIN:-$REPO/.venv/bin}
+STATE=$(absolute "${PIXART_STATE:-$REPO/.pixart-local}")
+BIN=$(absolute "${PIXART_BIN:-$REPO/.venv/bin}")
 PREFECT_PORT=${PREFECT_PORT:-4200}
 RAY_PORT=${RAY_PORT:-6379}
 POOL=${PIXART_WORK_POOL:-pixart-local}
 
 export PREFECT_HOME=$STATE/prefect                   # its own database, apart from ~/.prefect
+export PIXART_SERVER_HOME=$PREFECT_HOME              # where `pixart server` keeps the server's database and record
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_UI_ENABLED=${PREFECT_UI_ENABLED:-true}
@@ -25,7 +28,7 @@ export RAY_AUTH_MODE=token                           # the head requires its tok
 export PIXART_HOME=$REPO                             # where the deployments' pull step finds the code
 
 stop() {
-    for name in worker ray server; do               # the worker first: no new flow run starts meanwhile
+    for name in worker ray; do                      # the worker first: no new flow run starts meanwhile
         [[ -f $STATE/$name.pid ]] || continue
         pid=$(cat "$STATE/$name.pid")
         # SIGINT is what each of them shuts down cleanly on (Ctrl-C); SIGKILL only if that did not work.
@@ -36,6 +39,7 @@ stop() {
         echo "stopped $name (pid $pid)"
         rm -f "$STATE/$name.pid"
     done
+    "$BIN/pixart" server stop
     if [[ -f $STATE/ray.tmpdir ]]; then rm -rf "$(cat "$STATE/ray.tmpdir")" "$STATE/ray.tmpdir"; fi
 }
 
@@ -55,17 +59,15 @@ if [[ ${1:-start} == stop ]]; then
     stop
     exit 0
 fi
-if [[ -f $STATE/server.pid ]] && kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
+if "$BIN/pixart" server status >/dev/null 2>&1; then
     echo "already running (state in $STATE); '$0 stop' first" >&2
     exit 1
 fi
 mkdir -p "$STATE" "$PREFECT_HOME"
 cd "$REPO"
 
-# 1. Prefect server
-"$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" >"$STATE/server.log" 2>&1 &
-echo $! >"$STATE/server.pid"
-wait_for server 120 "$BIN/python" -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health')"
+# 1. Prefect server: the one `pixart` commands start, here on a fixed port (it waits until the server answers)
+"$BIN/pixart" server start --port "$PREFECT_PORT" >/dev/null
 
 # 2. Ray head (--block: it stays in the foreground of its pid, and takes its processes down when stopped). Its
 #    own temp dir (short: Unix socket paths are limited) keeps its address out of /tmp/ray/ray_current_cluster,
@@ -87,7 +89,7 @@ echo $! >"$STATE/worker.pid"
 wait_for worker 60 grep -q "started" "$STATE/worker.log"
 
 cat <<DONE
-Prefect server  $PREFECT_API_URL (UI: http://127.0.0.1:$PREFECT_PORT)
+Prefect server  $PREFECT_API_URL (UI: http://127.0.0.1:$PREFECT_PORT; database and log in $PREFECT_HOME)
 Ray head        $RAY_ADDRESS (logs under $ray_tmp)
 worker          pool $POOL, logs in $STATE/worker.log
 

@@ -8,6 +8,7 @@ Every command is a thin shell over the flows and `models/`: it parses, calls, re
     pixart deploy                                  the deployments of prefect.yaml, on a running server
     pixart generate "PROMPT" --model DIR --out FILE.png
     pixart artifacts ls | gc                       what the workdir holds; delete what no config needs
+    pixart server start | stop | status            the workdir's local Prefect server (commands start it)
     pixart export ... | pixart convert ...         checkpoints to diffusers and back
 """
 
@@ -37,6 +38,11 @@ convert_app = typer.Typer(
 artifacts_app = typer.Typer(help="List or garbage-collect the artifacts in a workdir.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 app.add_typer(artifacts_app, name="artifacts")
+server_app = typer.Typer(
+    help="The workdir's local Prefect server: commands start it when no PREFECT_API_URL is set, and it stays up.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
 console = Console(stderr=True, soft_wrap=True)  # one error per line, never folded
 
 
@@ -51,9 +57,10 @@ def user_errors(fn):
             console.print(f"[red]error:[/red] {err}", highlight=False)
             raise typer.Exit(1) from err
         except RuntimeError as err:
+            from flows.server import ServerFailed
             from tasks.execution import ShardsFailed  # imported late: `--help` must not wait for torch
 
-            if not isinstance(err, ShardsFailed):
+            if not isinstance(err, ShardsFailed | ServerFailed):
                 raise
             console.print(f"[red]error:[/red] {err}", highlight=False)
             raise typer.Exit(1) from err
@@ -258,9 +265,16 @@ def demo(
     of held-out prompts and their evaluation per category. Run it again: every artifact is reused and it finishes
     in seconds.
     """
-    from flows.runtime import run_flow
+    from flows.runtime import local_server, run_flow
 
-    print_pipeline(run_flow("pipeline", build_config("demo", set_, workdir)))
+    config = build_config("demo", set_, workdir)
+    print_pipeline(run_flow("pipeline", config))
+    if server := local_server(config.workdir):
+        console.print(
+            f"The Prefect server stays up for the next commands (UI {server.url}: runs, logs and artifacts); "
+            f"stop it with `pixart server stop --workdir {config.workdir}`",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -409,6 +423,70 @@ def artifacts_gc(
     for aid in dead:
         console.print(f"{verb} {aid}")
     console.print(f"{verb} {len(dead)} artifacts, kept {len(live)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+#                                     The local Prefect server
+# ---------------------------------------------------------------------------------------------------
+
+ServerWorkdirOption = Annotated[
+    str, typer.Option(help="The local workdir whose server it is (state in WORKDIR/.server, or $PIXART_SERVER_HOME).")
+]
+
+
+def local_server_home(workdir: str) -> Path:
+    from flows.server import HOME_ENV, server_home
+
+    if (home := server_home(workdir)) is None:
+        raise ValueError(f"workdir {workdir} is not local: set {HOME_ENV} to where its server keeps its state")
+    return home
+
+
+def print_server(record, home: Path) -> None:
+    print(f"url       {record.url}\napi       {record.api_url}\npid       {record.pid}\nuptime    {record.uptime()}")
+    print(f"database  {record.database}\nlog       {record.log}\nstate     {home}")
+
+
+@server_app.command("start")
+@user_errors
+def server_start(
+    workdir: ServerWorkdirOption = "workdir",
+    port: Annotated[
+        int | None, typer.Option(help="Port on 127.0.0.1 (default: $PIXART_SERVER_PORT, or a free one).")
+    ] = None,
+):
+    """Start the workdir's Prefect server on loopback (if it is not running) and leave it running."""
+    from flows.server import ensure_server
+
+    home = local_server_home(workdir)
+    record, started = ensure_server(home, port)
+    console.print(f"{'started' if started else 'already running'}: Prefect UI at {record.url}", highlight=False)
+    print_server(record, home)
+
+
+@server_app.command("stop")
+@user_errors
+def server_stop(workdir: ServerWorkdirOption = "workdir"):
+    """Stop the workdir's Prefect server (its database stays: the next start shows the same history)."""
+    from flows.server import stop_server
+
+    home = local_server_home(workdir)
+    record = stop_server(home)
+    console.print(f"stopped the server at {record.url} (pid {record.pid})" if record else f"no server running ({home})",
+                  highlight=False)  # fmt: skip
+
+
+@server_app.command("status")
+@user_errors
+def server_status(workdir: ServerWorkdirOption = "workdir"):
+    """Print the workdir's server (url, pid, uptime, database); exit 1 if none is running."""
+    from flows.server import running_server
+
+    home = local_server_home(workdir)
+    if (record := running_server(home)) is None:
+        console.print(f"no server running ({home}); `pixart server start` starts one", highlight=False)
+        raise typer.Exit(1)
+    print_server(record, home)
 
 
 if __name__ == "__main__":

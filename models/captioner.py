@@ -18,13 +18,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
 
 from models.text_encoder import default_dtype, resolve_pretrained
+
+if TYPE_CHECKING:  # transformers' model code takes seconds to import: loaded on use (every config imports this)
+    from transformers import LlavaForConditionalGeneration
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "Describe this image and its style in a very detailed manner."  # the paper's SAM prompt
@@ -90,6 +93,8 @@ class LlavaCaptioner:
         dtype: torch.dtype | None = None,
     ) -> LlavaCaptioner:
         """Load a LLaVA model and its processor from a hub id or a directory written by `save_pretrained`."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
+
         # 1. Find and check the config
         name, _ = resolve_pretrained(id_or_dir, "llava", "LLaVA captioner")
         config, _ = PretrainedConfig.get_config_dict(name)

@@ -8,12 +8,16 @@ is dropped one way and must be supplied (or freshly initialised, and reported) t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import PixArtTransformer2DModel
 
 from models.checkpoint import load_state_dict_strict
 from models.layers import sincos_2d
 from models.pixart import PixArt, PixArtMS
+
+if TYPE_CHECKING:  # diffusers' model code takes a second to import: loaded on use (every config imports this)
+    from diffusers import PixArtTransformer2DModel
 
 # official prefix -> diffusers prefix, for modules that map one to one (weight and bias)
 _DIRECT = {
@@ -121,6 +125,8 @@ def diffusers_config(model: PixArt) -> dict:
 
 def pixart_to_diffusers(model: PixArt) -> PixArtTransformer2DModel:
     """Our (official-layout) model as a diffusers PixArtTransformer2DModel with identical outputs."""
+    from diffusers import PixArtTransformer2DModel
+
     transformer = PixArtTransformer2DModel(**diffusers_config(model))
     sd = official_to_diffusers_state_dict(model.state_dict(), len(model.blocks), isinstance(model, PixArtMS))
     load_state_dict_strict(transformer, sd, what="converted PixArt weights (diffusers layout)")

@@ -18,16 +18,18 @@ import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.multimodal.clip_score import CLIPScore
-from transformers import CLIPModel, CLIPProcessor
 
 from models.text_encoder import resolve_pretrained
+
+# torchmetrics and transformers' model code take seconds to import: they are loaded on use (every config imports
+# this module, for MetricsConfig).
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPProcessor
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF FID weights)
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default
@@ -126,6 +128,8 @@ def fid(
     if len(real) < 2 or len(fake) < 2:
         return MetricUnavailable("fid", f"FID needs at least 2 images per set, got {len(real)} real, {len(fake)} fake")
     # 1. The feature extractor
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     if feature is not None:
         metric, extractor = FrechetInceptionDistance(feature=feature), type(feature).__name__
     else:
@@ -188,6 +192,9 @@ def load_clip(id_or_dir: str | os.PathLike, allow_download: bool = False) -> tup
 
     A hub id must be in the local Hugging Face cache unless allow_download; else FileNotFoundError says so.
     """
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import CLIPModel, CLIPProcessor
+
     name, _ = resolve_pretrained(id_or_dir, "clip", "CLIP model")
     if (
         not Path(name).is_dir()
@@ -216,6 +223,8 @@ def clip_score(
         model, processor = load_clip(config.clip_model, config.allow_download)
     except Exception as e:  # missing directory, not cached, failed download: skip with the reason
         return MetricUnavailable("clip_score", f"could not load CLIP model {config.clip_model!r}: {e}")
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
     metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
     with torch.no_grad():
         for start in range(0, len(images), batch_size):

@@ -15,9 +15,12 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, T5EncoderModel
+
+if TYPE_CHECKING:  # transformers' model code takes seconds to import: loaded on use (every config imports this)
+    from transformers import T5EncoderModel
 
 DEFAULT_T5 = "google/t5-v1_1-xxl"
 MAX_LENGTH = 120  # PixArt-alpha's caption length in tokens
@@ -96,6 +99,8 @@ class T5TextEncoder:
             raise ValueError(f"{config} has model_type={model_type!r}; expected a T5 encoder ('t5')")
 
         # 2. Load both through transformers
+        from transformers import AutoTokenizer, T5EncoderModel
+
         dtype = dtype or default_dtype(device)
         model = T5EncoderModel.from_pretrained(name, subfolder=model_folder or "", dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(name, subfolder=tokenizer_folder or "")

@@ -9,12 +9,14 @@ step, so one extraction serves every epoch with fresh noise.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.utils.torch_utils import randn_tensor
 
 from models.text_encoder import default_dtype, resolve_pretrained
+
+if TYPE_CHECKING:  # diffusers' model code takes a second to import: loaded on use (every config imports this)
+    from diffusers import AutoencoderKL
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
@@ -38,6 +40,8 @@ class VAE:
         `subfolder` names the VAE's folder in a hub pipeline; local pipeline directories are recognised
         by their model_index.json.
         """
+        from diffusers import AutoencoderKL
+
         name, folder = resolve_pretrained(id_or_dir, "vae", "VAE", subfolder)
         class_name = AutoencoderKL.load_config(name, subfolder=folder).get("_class_name")
         if class_name != "AutoencoderKL":
@@ -87,6 +91,8 @@ class VAE:
 
     def sample(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw latents from N(mean, std^2) and scale them: what the diffusion model is trained on."""
+        from diffusers.utils.torch_utils import randn_tensor
+
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise) * self.scaling_factor
 

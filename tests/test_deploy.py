@@ -24,8 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(command: list[str], env: dict, timeout: int, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -34,9 +34,9 @@ def run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProc
 def test_the_demo_deployment_runs_on_a_local_server_worker_and_ray_head(tmp_path):
     state, port = tmp_path / "state", free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
-    env |= {
-        "PIXART_STATE": str(state),
-        "PIXART_BIN": str(BIN),
+    env |= {  # the state and bin directories relative to where the script is started from, not the repository
+        "PIXART_STATE": "state",
+        "PIXART_BIN": os.path.relpath(BIN, tmp_path),
         "PREFECT_PORT": str(port),
         "RAY_PORT": str(free_port()),
         "RAY_NUM_CPUS": "2",
@@ -48,9 +48,9 @@ def test_the_demo_deployment_runs_on_a_local_server_worker_and_ray_head(tmp_path
     before = ray_address_file.read_text() if ray_address_file.exists() else None
     script = str(REPO / "deploy" / "start_local.sh")
     try:
-        # 1. Server, Ray head and worker; then the deployments of prefect.yaml
-        started = run(["bash", script], env, timeout=300)
-        assert api in started.stdout
+        # 1. Server, Ray head and worker, started from outside the repository; then the deployments of prefect.yaml
+        started = run(["bash", script], env, timeout=300, cwd=tmp_path)
+        assert api in started.stdout and (state / "prefect" / "prefect.db").is_file()
         deployed = run([str(BIN / "pixart"), "deploy"], env | {"PREFECT_API_URL": api}, timeout=300)
         assert "pipeline/demo" in deployed.stdout
 
@@ -74,6 +74,6 @@ def test_the_demo_deployment_runs_on_a_local_server_worker_and_ray_head(tmp_path
         store = ArtifactStore(str(workdir))
         assert sorted(a.stage for a in store.ls() if a.complete) == ["caption", "ingest"]
     finally:
-        subprocess.run(["bash", script, "stop"], env=env, cwd=REPO, capture_output=True, timeout=180)
-    assert not (state / "server.pid").exists() and not (state / "worker.pid").exists()
+        subprocess.run(["bash", script, "stop"], env=env, cwd=tmp_path, capture_output=True, timeout=180)
+    assert not (state / "prefect" / "server.json").exists() and not (state / "worker.pid").exists()
     assert (ray_address_file.read_text() if ray_address_file.exists() else None) == before

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import caption, evaluate, extract_features, ingest, pipeline, planned_ids
+from flows.server import stop_server
 from models.pixart import build_pixart
 from models.pixart_checkpoint import save_pixart
 from storage.artifacts import ArtifactStore
@@ -525,6 +526,7 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(flows_env, tmp
     finally:
         if process.poll() is None:
             process.kill()
+        stop_server(workdir / ".server")  # the workdir's Prefect server, which the command started
     (artifact_dir,) = workdir.glob("ingest-*")
     killed = ArtifactStore(str(workdir)).get(artifact_dir.name)
     done = [f"{i:06d}.tar" for i in range(12) if shard_complete(killed, f"{i:06d}.tar")]
