@@ -1,0 +1,77 @@
+"""prefect.yaml's deployments: registering them on a Prefect server (`pixart deploy`).
+
+`prefect deploy --all` ignores `--pool` (Prefect applies command-line options to single deployments only). So
+`deploy` writes the file as it must be registered (every deployment on the pool) to a temporary copy, deploys
+that, and reads back through the API what the server holds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def deploy(prefect_file: Path, pool: str) -> list[str]:
+    """Register every deployment of `prefect_file` on process work pool `pool` (created if missing) with the
+    server at PREFECT_API_URL; returns their names ("pipeline/demo", ...). Raises ValueError naming each
+    deployment that did not end up as asked.
+    """
+    from prefect.client.orchestration import get_client
+
+    # 1. The pool
+    spec = yaml.safe_load(prefect_file.read_text())
+    declared = spec.get("deployments") or []
+    prefect = [sys.executable, "-m", "prefect"]
+    if subprocess.run([*prefect, "work-pool", "inspect", pool], capture_output=True).returncode != 0:
+        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], check=True)
+
+    # 2. The file as it is to be registered, deployed from a temporary copy (the entrypoints resolve in the repo)
+    render(declared, pool)
+    with tempfile.TemporaryDirectory(prefix="pixart-deploy-") as tmp:
+        rendered = Path(tmp) / "prefect.yaml"
+        rendered.write_text(yaml.safe_dump(spec, sort_keys=False))
+        command = [*prefect, "deploy", "--all", "--no-prompt", "--prefect-file", str(rendered)]
+        done = subprocess.run(command, cwd=REPO)
+    if done.returncode != 0:
+        raise ValueError(f"prefect deploy failed (exit {done.returncode}); see its output above")
+
+    # 3. What the server holds now, deployment by deployment
+    with get_client(sync_client=True) as client:
+        after = registered(client, {d["name"] for d in declared})
+    problems, names = [], []
+    for d in declared:
+        got = after.get((d["entrypoint"], d["name"]))
+        if got is None:
+            problems.append(f"{d['name']} ({d['entrypoint']}): not registered")
+            continue
+        names.append(got["full_name"])
+        if got["pool"] != pool:
+            problems.append(f"{got['full_name']}: on work pool {got['pool']!r}, not {pool!r}")
+    if problems:
+        raise ValueError(f"prefect deploy did not register {prefect_file} as asked:\n  " + "\n  ".join(problems))
+    return names
+
+
+def render(declared: list[dict], pool: str) -> None:
+    """Turn prefect.yaml's `deployments` into what `deploy` registers: every one on `pool`."""
+    for d in declared:
+        d["work_pool"] = {**(d.get("work_pool") or {}), "name": pool}
+
+
+def registered(client, names: set[str]) -> dict[tuple[str, str], dict]:
+    """{(entrypoint, name): {"full_name", "pool"}} of the server's deployments named one of `names` (of any
+    flow)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterId
+
+    found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(names))))
+    flow_ids = FlowFilterId(any_=list({d.flow_id for d in found}))
+    flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(id=flow_ids))}
+    return {
+        (d.entrypoint, d.name): {"full_name": f"{flows[d.flow_id]}/{d.name}", "pool": d.work_pool_name} for d in found
+    }
