@@ -1,8 +1,8 @@
 """prefect.yaml's deployments: registering them on a Prefect server (`pixart deploy`).
 
 `prefect deploy --all` ignores `--pool` (Prefect applies command-line options to single deployments only). So
-`deploy` writes the file as it must be registered (every deployment on the pool) to a temporary copy, deploys
-that, and reads back through the API what the server holds.
+`deploy` writes the file as it must be registered (the pool, each `config: {base: PRESET}` spelled out) to a
+temporary copy, deploys that, and reads back through the API what the server holds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from tasks.config import deep_merge, expand_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +61,13 @@ def deploy(prefect_file: Path, pool: str) -> list[str]:
 
 
 def render(declared: list[dict], pool: str) -> None:
-    """Turn prefect.yaml's `deployments` into what `deploy` registers: every one on `pool`."""
+    """Turn prefect.yaml's `deployments` into what `deploy` registers: every one on `pool`; `config: {base:
+    PRESET, ...}` as every field of the preset (the UI's form shows what runs)."""
     for d in declared:
         d["work_pool"] = {**(d.get("work_pool") or {}), "name": pool}
+        config = (d.get("parameters") or {}).get("config")
+        if isinstance(config, dict) and config.get("base"):
+            d["parameters"]["config"] = deep_merge(expand_preset(config["base"]), config)
 
 
 def registered(client, names: set[str]) -> dict[tuple[str, str], dict]:

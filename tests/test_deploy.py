@@ -1,8 +1,11 @@
-"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml and work pools. The first
-test runs the whole local topology (deploy/start_local.sh); the others share one server of their own."""
+"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml, work pools, and runs with
+a few fields overridden (from the CLI, and from the UI's form in a real browser). The first test runs the whole
+local topology (deploy/start_local.sh); the others share one server of their own."""
 
 import contextlib
+import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,15 +16,22 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import deployments
 from storage.artifacts import ArtifactStore
+from tasks.config import PRESETS, expand_preset, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT_FILE = REPO / "prefect.yaml"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -158,6 +168,26 @@ def read_deployments(api: str) -> dict:
         return {f"{flows[d.flow_id]}/{d.name}": d for d in client.read_deployments()}
 
 
+@contextlib.contextmanager
+def worker(api: str, pool: str, log: Path, home: Path):
+    """A process worker on `pool`; its flow runs find the code at `home` (PIXART_HOME)."""
+    env = base_env(PREFECT_API_URL=api, PIXART_HOME=str(home))
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "started" in log.read_text(), 120, f"the worker ({log})")
+        yield
+    finally:
+        stop(process)
+
+
+def run_logs(api: str, flow_run_id) -> str:
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(entry.message for entry in logs)
+
+
 # ---------------------------------------------------------------------------------------------------
 #                                     Work pools
 # ---------------------------------------------------------------------------------------------------
@@ -181,3 +211,109 @@ def test_pixart_deploy_puts_every_deployment_on_the_pool_it_is_given(deployed, m
         deployments.deploy(PREFECT_FILE, "pixart-gpu")
     assert "pipeline/demo: on work pool 'pixart-local', not 'pixart-gpu'" in str(failed.value)
     assert str(failed.value).count("not 'pixart-gpu'") == 10
+
+
+# ---------------------------------------------------------------------------------------------------
+#                                     Parameters: the presets, overridden field by field
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_preset_spelled_out_is_the_same_config():
+    for name in PRESETS:
+        expanded = expand_preset(name)
+        assert load_config(expanded).model_dump(exclude={"base"}) == load_config(name).model_dump(exclude={"base"})
+    assert expand_preset("demo")["workdir"] == "workdir"  # as written: it resolves where the flow runs
+    with pytest.raises(ValueError, match=r"base='dem' is not a preset; choose one of \['demo'"):
+        expand_preset("dem")
+
+
+@pytest.mark.slow
+def test_a_run_overrides_one_nested_field_of_the_preset(deployed):
+    demo = read_deployments(deployed)["pipeline/demo"]
+    assert demo.parameters == {"config": expand_preset("demo")}  # the form shows what runs
+    env = base_env(PREFECT_API_URL=deployed)
+    prefect_run = [str(BIN / "prefect"), "deployment", "run", "pipeline/demo", "--param"]
+
+    done = run([*prefect_run, 'config={"base": "demo", "stage2": {"train": {"steps": 5}}}'], env, timeout=120)
+    flow_run_id = re.search(r"UUID: (\S+)", done.stdout).group(1)
+    with temporary_settings({PREFECT_API_URL: deployed}), get_client(sync_client=True) as client:
+        config = load_config(client.read_flow_run(flow_run_id).parameters["config"])
+        client.delete_flow_run(flow_run_id)  # no worker is to pick it up later
+    assert config.stage2.train.steps == 5
+    assert config.model_dump(exclude={"base", "stage2"}) == load_config("demo").model_dump(exclude={"base", "stage2"})
+
+    bad = run([*prefect_run, 'config={"base": "dem"}'], env, timeout=120, check=False)
+    assert bad.returncode != 0
+    assert "'dem' is not one of ['demo', 'demo_long', 'pixart_1024_ms', 'pixart_256', 'pixart_512']" in " ".join(
+        bad.stdout.split()
+    )
+
+
+@pytest.mark.slow
+def test_the_demo_runs_from_the_ui_form_with_one_field_changed(deployed, tmp_path):
+    """As an ML ops engineer would: the demo deployment's page, Run -> Custom run, `until` set to ingest, Submit,
+    then the run's page until it shows Completed. Screenshots of the filled form and the finished run are kept."""
+    if not CHROMIUM.exists() or importlib.util.find_spec("playwright") is None:
+        reason = f"needs {CHROMIUM} (apt-get install chromium) and the playwright package (the dev extras)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {reason}; .ci/browser.sh installs chromium")
+        pytest.skip(reason)
+    from playwright.sync_api import expect, sync_playwright
+
+    demo = read_deployments(deployed)["pipeline/demo"]
+    ui = deployed.removesuffix("/api")
+    # The worker's copy of the code: links to this repository, so that the demo's relative workdir lands here.
+    home = tmp_path / "home"
+    home.mkdir()
+    for part in ("configs", "flows", "models", "storage", "tasks"):
+        (home / part).symlink_to(REPO / part)
+
+    with worker(deployed, demo.work_pool_name, tmp_path / "worker.log", home), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+
+        # 1. The deployment's page -> Run -> Custom run: the form, filled with the preset's values
+        page.goto(f"{ui}/deployments/deployment/{demo.id}")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        until = form_field(page, "Until")
+        expect(until.locator(".p-select-button__value")).to_have_text("evaluate")
+        codec = form_field(page, "Codec").locator(".p-select-button__value")
+        expect(codec).to_have_text("pixel")  # the demo's, not the schema's default (vae)
+
+        # 2. One field changed: stop after ingest
+        until.locator("button.p-select-button__control").focus()
+        page.keyboard.press("ArrowDown")  # opens the options (a click opens and closes them again here)
+        page.get_by_role("option", name="ingest", exact=True).click()
+        expect(until.locator(".p-select-button__value")).to_have_text("ingest")
+        form_png = tmp_path / "custom-run-form.png"
+        page.set_viewport_size({"width": 1400, "height": 2400})  # the form from the top to the components
+        page.screenshot(path=form_png)
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        print(f"\nscreenshot of the filled form: {form_png}")
+
+        # 3. Submit, then watch the run's page until it completes
+        with page.expect_response(lambda r: r.url.endswith("/create_flow_run")) as created:
+            page.get_by_role("button", name="Submit").click()
+        assert created.value.status == 201, created.value.text()
+        flow_run_id = created.value.json()["id"]
+        with temporary_settings({PREFECT_API_URL: deployed}), get_client(sync_client=True) as client:
+            wait_until(lambda: client.read_flow_run(flow_run_id).state.is_final(), 900, "the flow run's end")
+            flow_run = client.read_flow_run(flow_run_id)
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        expect(page.get_by_text(flow_run.state.name, exact=True).first).to_be_visible()
+        page.screenshot(path=tmp_path / "flow-run.png")
+        browser.close()
+
+    logs = run_logs(deployed, flow_run_id)
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{logs[-3000:]}\n{(tmp_path / 'worker.log').read_text()}"
+    assert flow_run.parameters["config"] == expand_preset("demo") | {"until": "ingest"}  # the form sent the preset
+    store = ArtifactStore(str(home / "workdir"))
+    assert [a.stage for a in store.ls() if a.complete] == ["ingest"]
+
+
+def form_field(page, title: str):
+    """The innermost field of Prefect's parameter form whose label is `title`."""
+    label = page.locator("span.schema-form-property__label", has_text=re.compile(rf"^{title} \(Optional\)$"))
+    return page.locator("div.schema-form-property").filter(has=label).last
