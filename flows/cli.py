@@ -273,7 +273,8 @@ def deploy(
     """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL, all on one work pool.
 
     Each `config: {base: PRESET}` is registered as every field of the preset (what the UI's form shows is what
-    runs). Exits 1 naming any deployment the server does not hold as asked.
+    runs); a schedule someone switched on or off stays so. Exits 1 naming any deployment the server does not hold
+    as asked.
     """
     from prefect.settings import PREFECT_API_URL
 

@@ -1,6 +1,6 @@
-"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml, work pools, and runs with
-a few fields overridden (from the CLI, and from the UI's form in a real browser). The first test runs the whole
-local topology (deploy/start_local.sh); the others share one server of their own."""
+"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml, work pools, schedules, and
+runs with a few fields overridden (from the CLI, and from the UI's form in a real browser). The first test runs the
+whole local topology (deploy/start_local.sh); the others share one server of their own."""
 
 import contextlib
 import importlib.util
@@ -189,7 +189,7 @@ def run_logs(api: str, flow_run_id) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-#                                     Work pools
+#                                     Work pools and schedules
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -211,6 +211,19 @@ def test_pixart_deploy_puts_every_deployment_on_the_pool_it_is_given(deployed, m
         deployments.deploy(PREFECT_FILE, "pixart-gpu")
     assert "pipeline/demo: on work pool 'pixart-local', not 'pixart-gpu'" in str(failed.value)
     assert str(failed.value).count("not 'pixart-gpu'") == 10
+
+
+@pytest.mark.slow
+def test_redeploying_keeps_a_schedule_someone_switched_on(deployed):
+    env = base_env(PREFECT_API_URL=deployed)
+    (schedule,) = read_deployments(deployed)["caption/nightly-recaption"].schedules
+    assert not schedule.active  # as prefect.yaml declares it
+    run([str(BIN / "prefect"), "deployment", "schedule", "resume", "caption/nightly-recaption", str(schedule.id)],
+        env, timeout=120)  # fmt: skip
+
+    pixart_deploy(deployed)
+    (after,) = read_deployments(deployed)["caption/nightly-recaption"].schedules
+    assert (after.id, after.active, after.schedule.cron) == (schedule.id, True, "0 2 * * *")
 
 
 # ---------------------------------------------------------------------------------------------------
