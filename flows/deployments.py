@@ -1,4 +1,5 @@
-"""prefect.yaml's deployments: registering them on a Prefect server (`pixart deploy`).
+"""prefect.yaml's deployments: registering them on a Prefect server (`pixart deploy`), and the pull step with which
+a worker runs them from the code at $PIXART_HOME.
 
 `prefect deploy --all` ignores `--pool` (Prefect applies command-line options to single deployments only) and
 recreates every schedule as the file declares it, switched off again if the file says `active: false`. So
@@ -8,6 +9,7 @@ schedule's current state) to a temporary copy, deploys that, and reads back thro
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,9 +17,31 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import deep_merge, expand_preset
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def set_working_directory() -> dict[str, str]:
+    """The pull step: enter $PIXART_HOME, where the worker's copy of this repository is. Prefect's own step, given
+    an unset variable, would stay wherever the worker happened to start; this one fails the run, saying why."""
+    home = os.environ.get("PIXART_HOME")
+    if not home:
+        fail_run(
+            "PIXART_HOME is not set on this worker: export it as the directory holding the pixart-pipeline code "
+            "before starting the worker (deploy/start_local.sh does; the image sets /opt/pixart)"
+        )
+    if not (Path(home) / "flows" / "pipeline.py").is_file():
+        fail_run(f"PIXART_HOME={home} holds no flows/pipeline.py: point it at the pixart-pipeline code")
+    os.chdir(home)
+    return {"directory": os.getcwd()}
+
+
+def fail_run(reason: str) -> None:
+    """Raise `reason`, and put it in the flow run's log too: Prefect reports a failed pull step there only as
+    the process's exit code (the traceback goes to the worker's output)."""
+    from prefect.logging import get_logger
+
+    get_logger("flow_runs").error(reason, extra={"flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID")})
+    raise RuntimeError(reason)
 
 
 def deploy(prefect_file: Path, pool: str) -> list[str]:
@@ -75,6 +99,8 @@ def render(declared: list[dict], pool: str, before: dict, prefect_file: Path) ->
     """Turn prefect.yaml's `deployments` into what `deploy` registers: every one on `pool`; `config: {base:
     PRESET, ...}` as every field of the preset (the UI's form shows what runs); each schedule as active as it is
     on the server now (`before`, from `registered`)."""
+    from tasks.config import deep_merge, expand_preset  # not at import: the pull step must not wait for torch
+
     for d in declared:
         d["work_pool"] = {**(d.get("work_pool") or {}), "name": pool}
         config = (d.get("parameters") or {}).get("config")

@@ -1,6 +1,7 @@
-"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml, work pools, schedules, and
-runs with a few fields overridden (from the CLI, and from the UI's form in a real browser). The first test runs the
-whole local topology (deploy/start_local.sh); the others share one server of their own."""
+"""The deployment path against real Prefect servers: `pixart deploy` from prefect.yaml, work pools, schedules,
+runs with a few fields overridden (from the CLI, and from the UI's form in a real browser), and process workers
+with and without $PIXART_HOME. The first test runs the whole local topology (deploy/start_local.sh); the others
+share one server of their own."""
 
 import contextlib
 import importlib.util
@@ -169,9 +170,9 @@ def read_deployments(api: str) -> dict:
 
 
 @contextlib.contextmanager
-def worker(api: str, pool: str, log: Path, home: Path):
-    """A process worker on `pool`; its flow runs find the code at `home` (PIXART_HOME)."""
-    env = base_env(PREFECT_API_URL=api, PIXART_HOME=str(home))
+def worker(api: str, pool: str, log: Path, home: Path | None):
+    """A process worker on `pool`; its flow runs find the code at `home` (PIXART_HOME), or without it if None."""
+    env = base_env(PREFECT_API_URL=api) | ({"PIXART_HOME": str(home)} if home else {})
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -330,3 +331,19 @@ def form_field(page, title: str):
     """The innermost field of Prefect's parameter form whose label is `title`."""
     label = page.locator("span.schema-form-property__label", has_text=re.compile(rf"^{title} \(Optional\)$"))
     return page.locator("div.schema-form-property").filter(has=label).last
+
+
+# ---------------------------------------------------------------------------------------------------
+#                                     Workers
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_worker_without_pixart_home_fails_the_run_naming_it(deployed, tmp_path):
+    ingest = read_deployments(deployed)["ingest/demo"]
+    with worker(deployed, ingest.work_pool_name, tmp_path / "worker.log", home=None):
+        with temporary_settings({PREFECT_API_URL: deployed}):
+            flow_run = run_deployment("ingest/demo", timeout=300, poll_interval=2)
+    assert flow_run.state.is_crashed() or flow_run.state.is_failed(), flow_run.state
+    assert "PIXART_HOME is not set on this worker" in run_logs(deployed, flow_run.id)  # in the UI, not only the
+    assert "PIXART_HOME is not set on this worker" in (tmp_path / "worker.log").read_text()  # worker's output
