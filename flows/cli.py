@@ -15,7 +15,6 @@ Every command is a thin shell over the flows and `models/`: it parses, calls, re
 from __future__ import annotations
 
 import functools
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -281,12 +280,19 @@ def demo(
 @user_errors
 def deploy(
     pool: Annotated[
-        str, typer.Option(help="Process work pool the deployments use (created if missing).")
+        str, typer.Option(help="Process work pool every deployment goes to (created if missing).")
     ] = "pixart-local",
     prefect_file: Annotated[Path, typer.Option(help="Deployment declarations.")] = REPO / "prefect.yaml",
 ):
-    """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    """Register the deployments of prefect.yaml with the Prefect server at PREFECT_API_URL, all on one work pool.
+
+    Each `config: {base: PRESET}` is registered as every field of the preset (what the UI's form shows is what
+    runs); a schedule someone switched on or off stays so. Exits 1 naming any deployment the server does not hold
+    as asked.
+    """
     from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import deploy as deploy_file
 
     if not PREFECT_API_URL.value():
         raise ValueError(
@@ -295,13 +301,8 @@ def deploy(
         )
     if not prefect_file.is_file():
         raise FileNotFoundError(f"{prefect_file} does not exist")
-    prefect = [sys.executable, "-m", "prefect"]
-    if subprocess.run([*prefect, "work-pool", "inspect", pool], capture_output=True).returncode != 0:
-        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], check=True)
-    command = [*prefect, "deploy", "--all", "--no-prompt", "--prefect-file", str(prefect_file), "--pool", pool]
-    done = subprocess.run(command, cwd=REPO)
-    if done.returncode != 0:
-        raise ValueError(f"prefect deploy failed (exit {done.returncode}); see its output above")
+    names = deploy_file(prefect_file, pool)
+    console.print(f"{len(names)} deployments on work pool {pool!r}: {', '.join(names)}", highlight=False)
 
 
 @app.command()

@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import CoreSchema
 
 from configs import PRESET_DIR
 from models.captioner import DEFAULT_LLAVA, DEFAULT_PROMPT, GenerationParams
@@ -44,6 +54,7 @@ from storage.sources.sa1b import SA1BConfig
 from storage.sources.shapes import CATEGORIES, ShapesConfig, parse_caption
 from tasks.ray_train import StageRunConfig
 
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))  # the names `base` and `-c` take
 STEPS = ("ingest", "caption", "extract", "stage1", "stage2", "stage3", "export", "sample", "evaluate")
 
 
@@ -288,10 +299,15 @@ def _stage(n: int, input_size: int, steps: int, batch: int) -> StageRunConfig:
 class PipelineConfig(Strict):
     """ingest -> caption -> extract -> stage 1 -> 2 -> 3 -> export -> sample, evaluate: one sub-config per step."""
 
-    base: str | None = Field(
+    base: Annotated[
+        str | None,
+        # A run's parameters name a preset (the form offers them); from Python, a YAML path works as well.
+        WithJsonSchema({"anyOf": [{"type": "string", "enum": list(PRESETS)}, {"type": "null"}]}),
+    ] = Field(
         None,
-        description="Preset this config derives from: a YAML path or a name in configs/ ('demo'); the fields "
-        "given here override it.",
+        description="Preset this config derives from (configs/); the fields given here override it. A "
+        "deployment's form already holds every field of its preset, so another preset means another deployment "
+        "(or `--param config='{\"base\": ...}'` with only the fields to change).",
     )
     workdir: str = Field("workdir", description="Artifact store root: a local directory or an fsspec URL.")
     until: Literal[STEPS] = Field("evaluate", description="Last step to run (earlier ones run or are reused).")
@@ -315,6 +331,14 @@ class PipelineConfig(Strict):
             path = resolve_preset(data["base"])
             data = deep_merge(read_preset(path), {**data, "base": str(path)})
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        """The schema Prefect checks a run's parameters against (and renders as the UI's form): a field may be
+        left out at any depth, since `base` fills it in (`{"base": "demo", "stage2": {"train": {"steps": 5}}}`)."""
+        schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        _drop_required(handler.resolve_ref_schema(schema), handler.resolve_ref_schema, set())
+        return schema
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> PipelineConfig:
@@ -375,6 +399,24 @@ def local_or_hub_id(name: str) -> str:
     return absolute(name)
 
 
+def _drop_required(schema: dict, resolve, seen: set[int]) -> None:
+    """Make every field of `schema` and of the object schemas below it optional. A tagged union (a source, told
+    apart by `kind`) becomes `anyOf`, so that a source given in part matches without naming its kind
+    (`{"count": 8}`: `base`'s source fills in the rest). `resolve` follows `$ref`s."""
+    if "$ref" in schema:
+        schema = resolve(schema)
+    if id(schema) in seen:
+        return
+    seen.add(id(schema))
+    schema.pop("required", None)
+    if schema.pop("discriminator", None):
+        schema["anyOf"] = schema.pop("oneOf")
+    children = [*schema.get("properties", {}).values(), *schema.get("anyOf", []), *schema.get("oneOf", [])]
+    children += [schema[key] for key in ("items", "additionalProperties") if isinstance(schema.get(key), dict)]
+    for child in children:
+        _drop_required(child, resolve, seen)
+
+
 # ---------------------------------------------------------------------------------------------------
 #                                     Presets and overrides
 # ---------------------------------------------------------------------------------------------------
@@ -389,8 +431,7 @@ def resolve_preset(name: str | Path, relative_to: Path | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path.resolve()
-    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {str(name)!r} not found: pass a YAML file or one of the presets {known}")
+    raise FileNotFoundError(f"config {str(name)!r} not found: pass a YAML file or one of the presets {list(PRESETS)}")
 
 
 def read_preset(path: Path) -> dict:
@@ -406,6 +447,17 @@ def read_preset(path: Path) -> dict:
     if base_path == path:
         raise ValueError(f"{path} names itself as its base")
     return deep_merge(read_preset(base_path), data)
+
+
+def expand_preset(name: str) -> dict:
+    """Preset `name` with every field spelled out, as a deployment's `config` parameter: the UI's form then shows
+    (and a run from it sends) the preset's values rather than the schema's defaults. Fields the preset sets keep
+    the value as written: a relative path resolves where the flow runs, not where it was deployed."""
+    if name not in PRESETS:
+        raise ValueError(f"base={name!r} is not a preset; choose one of {list(PRESETS)}")
+    written = read_preset(resolve_preset(name))
+    full = load_config(written).model_dump(mode="json", exclude={"base"})
+    return {"base": name, **deep_merge(full, written)}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
