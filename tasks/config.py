@@ -112,7 +112,7 @@ class ComponentsConfig(Strict):
 
     tiny: bool = Field(
         False,
-        description="Build tiny random T5 / VAE / LLaVA under <workdir>/components/<recipe> and use them instead of "
+        description="Build tiny random T5 / VAE / LLaVA under `<workdir>/components/<recipe>` and use them instead of "
         "t5 / vae / llava (the CPU demo and tests; nothing is downloaded).",
     )
     tiny_seed: int = Field(0, description="Seed of the tiny components' random weights.")
