@@ -112,7 +112,8 @@ def test_a_crashed_stage_reruns_only_its_unfinished_shards(first_run, tmp_path):
     broken = Path(images.shard_url("000003.tar"))
     broken.rename(broken.with_suffix(".away"))  # shard 3's task fails: its input is unreadable
 
-    with pytest.raises(ShardsFailed, match=r"(?s)1 of 5 extract-shard tasks failed.*000003\.tar: ShardMissing: .*no such file"):
+    failed = r"(?s)1 of 5 extract-shard tasks failed.*000003\.tar: ShardMissing: .*no such file"
+    with pytest.raises(ShardsFailed, match=failed):
         extract_features(config)
     assert not features.complete
     assert [n for n in SHARDS if features.shard_done(n)] == [n for n in SHARDS if n != "000003.tar"]
