@@ -57,9 +57,18 @@ class StageRunConfig(BaseModel):
         "with less memory. Same trajectory and checkpoints either way; fsdp gathers weights to save them.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; else CPU workers with gloo.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per worker; a worker runs as many torch threads (at least 1)."
+    )
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker when use_gpu (fractions allowed).")
     max_failures: int = Field(2, ge=0, description="Worker crashes Ray Train recovers from (from the last checkpoint).")
+    worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Nice value of the training workers. Ray starts its workers at 15, below every ordinary process "
+        "of the machine; 0 is the ordinary priority (15 restores Ray's).",
+    )
     data_filter: dict | None = Field(
         None, description="Stage 3 subset, e.g. {'min_side': 512}: keep samples whose original short side >= it."
     )
@@ -71,7 +80,7 @@ class StageRunConfig(BaseModel):
     # How a run executes, not what it computes: FSDP and DDP follow the same trajectory (tests/test_fsdp.py),
     # and reservations or retries do not change the weights. use_gpu stays in: it selects mixed precision.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"parallel_strategy", "cpus_per_worker", "gpus_per_worker", "max_failures", "use_ray"}
+        {"parallel_strategy", "cpus_per_worker", "gpus_per_worker", "max_failures", "worker_niceness", "use_ray"}
     )
 
     def identity(self) -> dict:
@@ -185,6 +194,8 @@ def train_worker(cfg: dict) -> None:
 
     run = StageRunConfig.model_validate(cfg["run"])
     rank, world, device, under_ray = _context()
+    if under_ray:  # Ray sets OMP_NUM_THREADS from the reservation only if the driver's environment did not set it
+        torch.set_num_threads(max(1, int(run.cpus_per_worker)))
     out = Path(cfg["out_dir"])
     if run.train.global_batch_size % world:
         raise ValueError(f"global_batch_size={run.train.global_batch_size} is not divisible by {world} workers")
@@ -511,6 +522,9 @@ def _fit_with_ray(cfg: dict, config: StageRunConfig, out_dir: Path, ray_address:
             storage_path=str(out_dir),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_last),
+            # Ray's workers start at nice 15: any ordinary process (the flow's, the Prefect server, another job)
+            # then preempts a training thread, and with intra-op threads every other thread waits for it
+            worker_runtime_env={"env_vars": {"RAY_worker_niceness": str(config.worker_niceness)}},
         ),
     )
     result = trainer.fit()
