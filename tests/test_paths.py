@@ -78,7 +78,7 @@ def test_the_cli_trains_with_a_relative_workdir_from_another_directory(tmp_path,
     preset = {
         "base": "demo",
         "until": "stage1",
-        "ingest": {"source": {"count": 24, "image_size": 32}, "samples_per_shard": 8},
+        "ingest": {"source": {"count": 64, "image_size": 32}, "samples_per_shard": 16},
         "caption": {"use": "sidecar", "generation": {"max_new_tokens": 4}},
         "stage1": {"train": {"steps": 2}},
         "stage3": {"model": {"input_size": 8}},
